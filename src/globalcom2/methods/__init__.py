@@ -1,0 +1,54 @@
+"""Registry of compression methods: one name, one frozen config class.
+
+A CLI flag, a benchmark and a test all say ``method="globalcom2"`` and get the same class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ImageContext, MethodConfig, Selection
+from .globalcom2 import GlobalCom2Config
+
+__all__ = [
+    "ImageContext",
+    "MethodConfig",
+    "Selection",
+    "GlobalCom2Config",
+    "REGISTRY",
+    "available_methods",
+    "make_config",
+]
+
+REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (GlobalCom2Config,)}
+
+
+def available_methods() -> dict[str, str]:
+    """Method names mapped to a one-line description."""
+    return {name: cls.description for name, cls in REGISTRY.items()}
+
+
+def make_config(method: str | MethodConfig = "globalcom2", **options: Any) -> MethodConfig:
+    """Build a validated config from a method name and its options (or pass a config through)."""
+    if isinstance(method, MethodConfig):
+        if options:
+            return type(method)(**{**_fields(method), **_checked(type(method), options)})
+        return method
+    if method not in REGISTRY:
+        raise ValueError(f"method must be one of ({', '.join(map(repr, REGISTRY))}), got {method!r}")
+    cls = REGISTRY[method]
+    return cls(**_checked(cls, options))
+
+
+def _fields(cfg: MethodConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in cfg.option_names()}
+
+
+def _checked(cls: type[MethodConfig], options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(cls.option_names()))
+    if unknown:
+        raise TypeError(
+            f"method {cls.name!r} does not take option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(cls.option_names())}"
+        )
+    return options

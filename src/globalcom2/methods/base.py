@@ -1,0 +1,125 @@
+"""What every method shares: the per-image context it reads, the selection it returns, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .. import core
+
+
+@dataclass
+class ImageContext:
+    """Everything a vision-side method may look at for one image.
+
+    scores: (1 + n, N) float32 [CLS] importance of every token of every view; row 0 is the thumbnail.
+    side:   S, tokens per side of one view (N = S * S).
+    grid:   (nph, npw) crops per column / per row.
+    valid:  (n, N) bool, crop tokens that survive LLaVA-NeXT's unpadding.
+    image_index: position of the image in the batch (seeds the random baseline).
+    """
+
+    scores: torch.Tensor
+    side: int
+    grid: tuple[int, int]
+    valid: torch.Tensor
+    image_index: int = 0
+
+    @property
+    def thumbnail(self) -> torch.Tensor:
+        """(N,) thumbnail scores."""
+        return self.scores[0]
+
+    @property
+    def crops(self) -> torch.Tensor:
+        """(n, N) crop scores."""
+        return self.scores[1:]
+
+
+@dataclass
+class Selection:
+    """What a vision-side method keeps of one image.
+
+    thumb_keep:  (k0,) long, thumbnail token indices in the order they are emitted.
+    crop_keep:   (n, N) bool, kept crop tokens at their true positions.
+    crop_ratios: (n,) float64, retention ratio each crop was given.
+    """
+
+    thumb_keep: torch.Tensor
+    crop_keep: torch.Tensor
+    crop_ratios: torch.Tensor
+
+
+def _fmt(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of ({_fmt(allowed)}), got {value!r}")
+
+
+def check_number(
+    name: str, value: Any, low: float, high: float, low_open: bool = True, high_open: bool = False
+) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a finite real number in the interval."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    interval = f"{lo}{low}, {high}{hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v)
+    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config. Subclasses add fields and implement ``select``.
+
+    retention_ratio: R in (0, 1], share of visual tokens kept.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: "vision" prunes before the language model, "llm" inside it.
+    where: ClassVar[str] = "vision"
+    paper: ClassVar[str] = ""
+
+    retention_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_number("retention_ratio", self.retention_ratio, 0.0, 1.0)
+        object.__setattr__(self, "retention_ratio", float(self.retention_ratio))
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Names of the options this method accepts."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def select(self, ctx: ImageContext) -> Selection:  # pragma: no cover - abstract
+        """Choose the tokens of one image."""
+        raise NotImplementedError
+
+    def order(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
+        """Indices into ``concat(views.flatten(0, 1), newline)`` of the tokens the LLM receives."""
+        thumb = sel.thumb_keep
+        if getattr(self, "thumbnail_order", "score") == "spatial":
+            thumb = thumb.sort().values
+        return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name)
+
+    @property
+    def layout_name(self) -> str:
+        """Crop layout used to assemble the LLM input (see ``core.assemble_order``)."""
+        return getattr(self, "layout", "authors")
+
+    @property
+    def unpad_rounding(self) -> int | None:
+        """Unpadding rule: the authors truncate (``int``), stock transformers rounds to 7 digits first."""
+        return None if self.layout_name == "authors" else 7

@@ -1,0 +1,364 @@
+"""Adapter for stock ``transformers`` LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+It knows where the model keeps its vision tower, projector and newline embedding, reads all
+geometry from the config, and owns the one narrow place where visual features become the
+language model's input. Nothing here edits a library class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import core
+from ..methods.base import ImageContext, MethodConfig, Selection
+
+try:  # the processor's own rule, so the grid always matches the pixel values it produced
+    from transformers.image_processing_utils import select_best_resolution
+except ImportError:  # pragma: no cover - very old transformers
+    select_best_resolution = None
+
+
+SUPPORTED_CLASSES = ("LlavaNextForConditionalGeneration",)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _encoder_layers(tower: nn.Module):
+    for path in ("vision_model.encoder.layers", "encoder.layers"):
+        obj = tower
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    return None
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
+    cls_names = {c.__name__ for c in type(model).__mro__}
+    if not cls_names.intersection(SUPPORTED_CLASSES):
+        raise TypeError(
+            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, "
+            f"got {type(model).__name__}"
+        )
+    cfg = model.config
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    if strategy != "default":
+        raise ValueError(
+            f"config.vision_feature_select_strategy must be 'default' (the [CLS] token is dropped, "
+            f"patch tokens form the S x S grid), got {strategy!r}"
+        )
+    if not getattr(cfg, "image_grid_pinpoints", None):
+        raise ValueError("config.image_grid_pinpoints must list the AnyRes resolutions; got none")
+    vc = cfg.vision_config
+    if vc.image_size % vc.patch_size:
+        raise ValueError(
+            f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
+            f"({vc.patch_size})"
+        )
+    layers = _encoder_layers(model.model.vision_tower)
+    last = layers[-1] if layers is not None and len(layers) else None
+    attn = getattr(last, "self_attn", None)
+    if last is None or not all(hasattr(m, n) for m, n in ((last, "layer_norm1"), (attn, "q_proj"), (attn, "k_proj"))):
+        raise TypeError(
+            "the vision tower must be a CLIP-style encoder (layers with layer_norm1 and "
+            f"self_attn.q_proj/k_proj) with a [CLS] token; got {type(model.model.vision_tower).__name__}"
+        )
+    emb = getattr(getattr(model.model.vision_tower, "vision_model", model.model.vision_tower), "embeddings", None)
+    if getattr(emb, "class_embedding", None) is None:
+        raise TypeError(
+            "the vision tower has no [CLS] token (embeddings.class_embedding); [CLS]-attention "
+            f"methods need one. Got {type(model.model.vision_tower).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Geometry of a LLaVA-NeXT model, read from its config."""
+
+    image_size: int  # pixels per side of one view
+    patch_size: int  # pixels per side of one patch
+    pinpoints: tuple[tuple[int, int], ...]  # (height, width) AnyRes resolutions
+
+    @property
+    def side(self) -> int:
+        """S, tokens per side of one view."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_config(cls, config) -> Geometry:
+        """Geometry of ``config`` (a ``LlavaNextConfig``)."""
+        vc = config.vision_config
+        return cls(vc.image_size, vc.patch_size, tuple(tuple(int(x) for x in p) for p in config.image_grid_pinpoints))
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(nph, npw) crop grid the processor uses for an image of (height, width)."""
+        h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], [list(p) for p in self.pinpoints])
+        return h // self.image_size, w // self.image_size
+
+    def stock_tokens(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens stock LLaVA-NeXT feeds its LLM for one image (thumbnail + unpadded crops + newlines)."""
+        grid = self.grid(image_size)
+        top, bottom, left, right = core.unpadded_box(grid, self.side, image_size, round_digits=7)
+        return self.side**2 + (bottom - top) * (right - left + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision side: features, [CLS] scores, selection, packing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one image: its geometry, the selection and the emitted order."""
+
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    side: int
+    valid: torch.Tensor  # (n, N) bool
+    selection: Selection
+    order: torch.Tensor  # (T,) indices into concat(views.flatten(0, 1), newline)
+    scores: torch.Tensor  # (1 + n, N)
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens the language model receives for this image."""
+        return int(self.order.numel())
+
+    def kept_per_view(self) -> torch.Tensor:
+        """(1 + n,) number of tokens of each view that reach the language model."""
+        n_views = 1 + self.grid[0] * self.grid[1]
+        N = self.side**2
+        idx = self.order[self.order < n_views * N]
+        return torch.bincount(idx // N, minlength=n_views)
+
+    def kept_mask(self) -> torch.Tensor:
+        """(1 + n, N) bool, which tokens of each view reach the language model."""
+        n_views = 1 + self.grid[0] * self.grid[1]
+        N = self.side**2
+        mask = torch.zeros(n_views * N, dtype=torch.bool, device=self.order.device)
+        mask[self.order[self.order < n_views * N]] = True
+        return mask.view(n_views, N)
+
+
+def _image_sizes_list(image_sizes) -> list[tuple[int, int]]:
+    if image_sizes is None:
+        raise ValueError(
+            "image_sizes is required with pixel_values: pass the processor's output unchanged "
+            "(it returns image_sizes as (height, width) per image)"
+        )
+    sizes = torch.as_tensor(image_sizes).reshape(-1, 2).tolist() if not isinstance(image_sizes, list) else image_sizes
+    out = [(int(h), int(w)) for h, w in sizes]
+    if any(h <= 0 or w <= 0 for h, w in out):
+        raise ValueError(f"image_sizes must hold positive (height, width) pairs, got {out}")
+    return out
+
+
+def _cls_scores(tower: nn.Module, hidden: torch.Tensor, score: str) -> torch.Tensor:
+    """(V, N) [CLS] attention of the tower's last layer from the hidden state entering it.
+
+    Works whatever attention kernel the tower uses (eager, SDPA, flash): only the layer norm and
+    the q/k projections of the last layer are re-applied, for the [CLS] query alone.
+    """
+    last = _encoder_layers(tower)[-1]
+    attn = last.self_attn
+    x = last.layer_norm1(hidden)  # (V, 1+N, D)
+    num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
+    head_dim = x.shape[-1] // num_heads
+    scale = getattr(attn, "scale", head_dim**-0.5)
+
+    def proj(lin: nn.Linear, t: torch.Tensor) -> torch.Tensor:
+        b = lin.bias.float() if lin.bias is not None else None
+        return F.linear(t.float(), lin.weight.float(), b)
+
+    q_cls = proj(attn.q_proj, x[:, 0]) * scale  # (V, D)
+    keys = proj(attn.k_proj, x)  # (V, 1+N, D)
+    return core.cls_attention(q_cls, keys, num_heads, score)
+
+
+@torch.no_grad()
+def encode_views(model: nn.Module, pixel_values: torch.Tensor, image_sizes, score: str = "logits", **overrides):
+    """Run the vision tower once over every view of every image.
+
+    pixel_values: (B, V_max, C, H, W) as the processor returns it, or (sum V_i, C, H, W).
+    returns: (features, scores, sizes): per image (V_i, N, D_llm) projected features and
+        (V_i, N) [CLS] scores, plus the (height, width) of each image.
+    """
+    cfg = model.config
+    geo = Geometry.from_config(cfg)
+    sizes = _image_sizes_list(image_sizes)
+    n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(sizes):
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(sizes)}; "
+                "pass both from the same processor call"
+            )
+        if pixel_values.shape[1] < max(n_views):
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
+                f"{max(n_views)}; pass both from the same processor call"
+            )
+        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
+    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
+        raise ValueError(
+            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
+            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[-1] != geo.image_size or pixel_values.shape[-2] != geo.image_size:
+        raise ValueError(
+            f"pixel_values views must be {geo.image_size}x{geo.image_size} (vision_config.image_size), "
+            f"got {tuple(pixel_values.shape[-2:])}"
+        )
+    strategy = overrides.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+    if strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy must be 'default' while compressing, got {strategy!r}")
+    layer = overrides.get("vision_feature_layer")
+    layer = cfg.vision_feature_layer if layer is None else layer
+
+    tower = model.model.vision_tower
+    out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+    hs = out.hidden_states
+    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
+    feats = model.model.multi_modal_projector(feats[:, 1:])  # (sum V, N, D_llm)
+    scores = _cls_scores(tower, hs[-2], score)  # (sum V, N)
+    return list(feats.split(n_views)), list(scores.split(n_views)), sizes
+
+
+def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geometry, index: int = 0):
+    """Run the method on one image. scores: (V, N). returns an ``ImageRecord``."""
+    grid = geo.grid(image_size)
+    box = core.unpadded_box(grid, geo.side, image_size, round_digits=cfg.unpad_rounding)
+    valid = core.box_mask(box, grid, geo.side, device=scores.device)
+    ctx = ImageContext(scores=scores.float(), side=geo.side, grid=grid, valid=valid, image_index=index)
+    sel = cfg.select(ctx)
+    order = cfg.order(sel, ctx)
+    return ImageRecord(tuple(image_size), grid, geo.side, valid, sel, order, scores)
+
+
+@torch.no_grad()
+def compress(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes, **overrides):
+    """Visual tokens for the LLM, per image, plus a record of what was kept.
+
+    returns: (features, records): per image a (T_i, D_llm) tensor and an ``ImageRecord``.
+    """
+    score = getattr(cfg, "score", "logits")
+    feats, scores, sizes = encode_views(model, pixel_values, image_sizes, score=score, **overrides)
+    geo = Geometry.from_config(model.config)
+    newline = model.model.image_newline
+    out, records = [], []
+    for i, (f, s, size) in enumerate(zip(feats, scores, sizes)):
+        rec = select_image(cfg, s, size, geo, index=i)
+        source = torch.cat([f.flatten(0, 1), newline[None].to(f.device, f.dtype)], dim=0)
+        out.append(source[rec.order.to(f.device)])
+        records.append(rec)
+    return out, records
+
+
+# --------------------------------------------------------------------------------------------
+# Text side: splice the compressed features into the prompt
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedInputs:
+    """A shortened batch ready for the language model."""
+
+    inputs_embeds: torch.Tensor  # (B, L', D)
+    attention_mask: torch.Tensor  # (B, L') long
+    position_ids: torch.Tensor  # (B, L') long
+    labels: torch.Tensor | None  # (B, L') or None
+    image_spans: list[list[tuple[int, int]]]  # per sample, [start, end) of every image's tokens
+
+
+def pack(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_features: list[torch.Tensor],
+    stock_counts: list[int],
+    labels: torch.Tensor | None = None,
+    padding_side: str = "left",
+    ignore_index: int = -100,
+) -> PackedInputs:
+    """Replace each image's block of placeholder tokens by its (shorter) compressed features.
+
+    input_ids: (B, L) with ``stock_counts[i]`` placeholder tokens for image i, images in order.
+    """
+    image_token_id = model.config.image_token_id
+    bsz = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    is_img = input_ids == image_token_id
+    per_row = is_img.sum(1).tolist()
+    if sum(per_row) != sum(stock_counts):
+        raise ValueError(
+            f"input_ids hold {sum(per_row)} image placeholder tokens but the images need {sum(stock_counts)} "
+            f"({stock_counts}); pass input_ids, pixel_values and image_sizes from the same processor call"
+        )
+    embeds = model.get_input_embeddings()(input_ids)
+    dtype = embeds.dtype
+    rows, row_labels, spans = [], [], []
+    img = 0
+    for b in range(bsz):
+        keep = attention_mask[b].bool()
+        pos = torch.nonzero(is_img[b] & keep).squeeze(1).tolist()
+        if len(pos) != per_row[b]:
+            raise ValueError("image placeholder tokens must not be masked out by attention_mask")
+        pieces, lab, row_spans, cursor, used, length = [], [], [], 0, 0, 0
+        text_pos = torch.nonzero(keep).squeeze(1)
+        # walk the row's images in order; each consumes the next stock_counts[img] placeholders
+        while used < len(pos):
+            if img >= len(stock_counts):
+                raise ValueError("input_ids hold more image placeholder blocks than there are images")
+            start = pos[used]
+            end = pos[used + stock_counts[img] - 1] + 1 if used + stock_counts[img] - 1 < len(pos) else None
+            if end is None or end - start != stock_counts[img]:
+                raise ValueError(
+                    f"image {img} needs {stock_counts[img]} consecutive placeholder tokens in input_ids; "
+                    "pass input_ids, pixel_values and image_sizes from the same processor call"
+                )
+            seg = text_pos[(text_pos >= cursor) & (text_pos < start)]
+            pieces.append(embeds[b, seg])
+            lab.append(labels[b, seg] if labels is not None else seg)
+            length += seg.numel()
+            feat = image_features[img].to(embeds.device, dtype)
+            pieces.append(feat)
+            lab.append(torch.full((feat.shape[0],), ignore_index, dtype=torch.long, device=embeds.device))
+            row_spans.append((length, length + feat.shape[0]))
+            length += feat.shape[0]
+            cursor, used, img = end, used + stock_counts[img], img + 1
+        seg = text_pos[text_pos >= cursor]
+        pieces.append(embeds[b, seg])
+        lab.append(labels[b, seg] if labels is not None else seg)
+        rows.append(torch.cat(pieces, dim=0))
+        row_labels.append(torch.cat(lab, dim=0))
+        spans.append(row_spans)
+    if img != len(stock_counts):
+        raise ValueError(f"{len(stock_counts)} images were given but input_ids place only {img}")
+
+    max_len = max(r.shape[0] for r in rows)
+    d = embeds.shape[-1]
+    out = embeds.new_zeros(bsz, max_len, d)
+    mask = torch.zeros(bsz, max_len, dtype=torch.long, device=embeds.device)
+    new_labels = torch.full((bsz, max_len), ignore_index, dtype=torch.long, device=embeds.device)
+    for b, r in enumerate(rows):
+        n = r.shape[0]
+        sl = slice(max_len - n, max_len) if padding_side == "left" else slice(0, n)
+        out[b, sl] = r
+        mask[b, sl] = 1
+        if labels is not None:
+            new_labels[b, sl] = row_labels[b]
+        if padding_side == "left":
+            spans[b] = [(s + max_len - n, e + max_len - n) for s, e in spans[b]]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return PackedInputs(out, mask, position_ids, new_labels if labels is not None else None, spans)

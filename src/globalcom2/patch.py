@@ -1,0 +1,158 @@
+"""``apply`` / ``remove``: patch one model instance by swapping its class for a generated subclass.
+
+The state (the method config) lives on the instance; the library class is never edited, a second
+instance in the same process is untouched, and ``remove`` restores the original class.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .methods import MethodConfig, make_config
+from .models import llava_next as adapter
+
+_STATE = "_globalcom2_config"
+_ORIGINAL = "_globalcom2_original_class"
+_VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` currently carries a globalcom2 patch."""
+    return hasattr(model, _ORIGINAL)
+
+
+def get_config(model: nn.Module) -> MethodConfig | None:
+    """The method config a patched model runs with, or None."""
+    return getattr(model, _STATE, None)
+
+
+def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options: Any) -> nn.Module:
+    """Compress the visual tokens of this model instance; returns the model.
+
+    ``method`` is a registered name (see ``available_methods()``) or a config object; ``options``
+    are that method's fields, e.g. ``retention_ratio=0.25``. Calling ``apply`` again reconfigures.
+    Everything is validated before the model is touched, so a bad call leaves it as it was.
+    """
+    if isinstance(method, str) or isinstance(method, MethodConfig):
+        cfg = make_config(method, **options)
+    else:
+        raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
+    adapter.check_model(model)
+    if not is_patched(model):
+        original = type(model)
+        patched = type(f"GlobalCom2{original.__name__}", (_PatchedMixin, original), {"__module__": __name__})
+        patched.forward = _wrap_forward(original)
+        setattr(model, _ORIGINAL, original)
+        model.__class__ = patched
+    setattr(model, _STATE, cfg)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the model behaves exactly like a never-patched one again. Returns the model."""
+    if is_patched(model):
+        model.__class__ = getattr(model, _ORIGINAL)
+        delattr(model, _ORIGINAL)
+        if hasattr(model, _STATE):
+            delattr(model, _STATE)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(model, input_ids, pixel_values, image_sizes, attention_mask, labels, padding_side, vision_kwargs):
+    """Compressed ``inputs_embeds`` and friends for a batch straight from the processor."""
+    if input_ids is None:
+        raise ValueError(
+            "input_ids are required with pixel_values while compression is on (they mark where each "
+            "image goes); pass the processor's output unchanged"
+        )
+    cfg = getattr(model, _STATE)
+    feats, records = adapter.compress(model, cfg, pixel_values, image_sizes, **vision_kwargs)
+    geo = adapter.Geometry.from_config(model.config)
+    counts = [geo.stock_tokens(r.image_size) for r in records]
+    packed = adapter.pack(model, input_ids, attention_mask, feats, counts, labels=labels, padding_side=padding_side)
+    return packed, records
+
+
+def _padding_side(attention_mask: torch.Tensor | None) -> str:
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        return "right"
+    return "left"
+
+
+def _wrap_forward(original: type):
+    stock_forward = original.forward
+
+    @functools.wraps(stock_forward)
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        if pixel_values is None or pixel_values.numel() == 0:
+            return stock_forward(
+                self, input_ids=input_ids, attention_mask=attention_mask, image_sizes=image_sizes, **kwargs
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("pass input_ids, not inputs_embeds, together with pixel_values")
+        if kwargs.get("position_ids") is not None:
+            raise ValueError(
+                "position_ids cannot be given with pixel_values while compression is on: they describe the "
+                "uncompressed sequence; leave them out and they are derived from the shortened attention mask"
+            )
+        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
+        labels = kwargs.pop("labels", None)
+        packed, records = _prepare(
+            self, input_ids, pixel_values, image_sizes, attention_mask, labels, _padding_side(attention_mask),
+            vision_kwargs,
+        )
+        kwargs.pop("position_ids", None)
+        out = stock_forward(
+            self,
+            inputs_embeds=packed.inputs_embeds,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            labels=packed.labels,
+            **kwargs,
+        )
+        return out
+
+    return forward
+
+
+class _PatchedMixin:
+    """Methods of the generated subclass. ``forward`` is attached per original class."""
+
+    def generate(self, inputs=None, *args, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        """Stock ``generate`` on the compressed prompt; returns prompt ids + new tokens like stock."""
+        input_ids = kwargs.pop("input_ids", inputs)
+        stock = super().generate
+        if pixel_values is None or pixel_values.numel() == 0:
+            return stock(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
+        packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs)
+        _translate_lengths(self, kwargs, input_ids.shape[1])
+        out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        full = torch.cat([prompt.to(sequences.device), sequences], dim=1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+
+
+def _translate_lengths(model, kwargs: dict, prompt_len: int) -> None:
+    """Turn ``max_length``/``min_length`` (counted on the uncompressed prompt) into new-token counts."""
+    gen_cfg = kwargs.get("generation_config")
+    if "max_length" in kwargs and kwargs.get("max_new_tokens") is None:
+        kwargs["max_new_tokens"] = max(int(kwargs.pop("max_length")) - prompt_len, 0)
+    elif gen_cfg is not None and kwargs.get("max_new_tokens") is None and gen_cfg.max_new_tokens is None:
+        if gen_cfg.max_length is not None:
+            kwargs["max_new_tokens"] = max(int(gen_cfg.max_length) - prompt_len, 0)
+    kwargs.pop("max_length", None)
+    if "min_length" in kwargs and kwargs.get("min_new_tokens") is None:
+        kwargs["min_new_tokens"] = max(int(kwargs.pop("min_length")) - prompt_len, 0)
+    kwargs.pop("min_length", None)
