@@ -64,7 +64,11 @@ def reference_tokens(
             m = valid[i * side : (i + 1) * side, j * side : (j + 1) * side]
             crop_valid.append(m.reshape(-1))
             nz = m.nonzero()
-            dims.append((0, 0) if len(nz) == 0 else (int(nz[:, 1].max() - nz[:, 1].min() + 1), int(nz[:, 0].max() - nz[:, 0].min() + 1)))
+            dims.append(
+                (0, 0)
+                if len(nz) == 0
+                else (int(nz[:, 1].max() - nz[:, 1].min() + 1), int(nz[:, 0].max() - nz[:, 0].min() + 1))
+            )
 
     if box_h and box_w:  # (the authors' code crashes on an image too thin to leave a single token)
         interp = F.interpolate(

@@ -152,9 +152,7 @@ def thumbnail_to_grid(thumb: torch.Tensor, side: int, size: tuple[int, int]) -> 
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def global_crop_scores(
-    thumb: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], side: int
-) -> torch.Tensor:
+def global_crop_scores(thumb: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
     """Global importance of every crop token: the thumbnail map resized onto the unpadded crops.
 
     thumb: (N,) thumbnail scores; valid: (n, N) bool unpadded crop tokens.

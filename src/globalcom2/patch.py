@@ -105,7 +105,13 @@ def _wrap_forward(original: type):
         vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
         labels = kwargs.pop("labels", None)
         packed, records = _prepare(
-            self, input_ids, pixel_values, image_sizes, attention_mask, labels, _padding_side(attention_mask),
+            self,
+            input_ids,
+            pixel_values,
+            image_sizes,
+            attention_mask,
+            labels,
+            _padding_side(attention_mask),
             vision_kwargs,
         )
         kwargs.pop("position_ids", None)

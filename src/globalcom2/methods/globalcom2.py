@@ -86,7 +86,7 @@ class GlobalCom2Config(MethodConfig):
         if self.importance == "global_only":
             return glob
         a = self.alpha
-        return [a * g + (1 - a) * l for g, l in zip(glob, local)]
+        return [a * g + (1 - a) * loc for g, loc in zip(glob, local)]
 
     def select(self, ctx: ImageContext) -> Selection:
         """Keep the top int(N R) thumbnail tokens and the top int(N_j r_j) tokens of each crop."""

@@ -47,8 +47,7 @@ def check_model(model: nn.Module) -> None:
     cls_names = {c.__name__ for c in type(model).__mro__}
     if not cls_names.intersection(SUPPORTED_CLASSES):
         raise TypeError(
-            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, "
-            f"got {type(model).__name__}"
+            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
         )
     cfg = model.config
     strategy = getattr(cfg, "vision_feature_select_strategy", None)

@@ -1,0 +1,50 @@
+"""The console script: demo, methods, and generate against a checkpoint saved locally."""
+
+import subprocess
+import sys
+
+from globalcom2 import cli
+from globalcom2.tiny import demo_image, tiny_model, tiny_processor
+
+
+def test_demo_prints_counts_ratios_and_timing(capsys, tmp_path):
+    assert cli.main(["demo", "--ratio", "0.25", "--repeats", "1", "--out", str(tmp_path / "demo.png")]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out
+    assert "visual tokens: stock" in out and "r_j =" in out
+    assert "speedup x" in out and "generate:" in out
+
+
+def test_methods_lists_registry(capsys):
+    assert cli.main(["methods"]) == 0
+    assert "globalcom2" in capsys.readouterr().out
+
+
+def test_generate_on_a_local_checkpoint(tmp_path):
+    ckpt = tmp_path / "tiny-llava-next"
+    tiny_model().save_pretrained(ckpt)
+    tiny_processor().save_pretrained(ckpt)
+    image = tmp_path / "img.png"
+    demo_image(320, 200).save(image)
+    cmd = [
+        sys.executable,
+        "-m",
+        "globalcom2.cli",
+        "generate",
+        "--model",
+        str(ckpt),
+        "--image",
+        str(image),
+        "--prompt",
+        "USER: <image>\nwhat is this ? ASSISTANT:",
+        "--ratio",
+        "0.25",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]

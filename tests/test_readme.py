@@ -1,0 +1,26 @@
+"""README examples run, so they cannot rot."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_offline_readme_example_runs():
+    blocks = [b for b in _python_blocks() if "globalcom2.tiny" in b]
+    assert blocks, "README lost its offline example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = README.read_text().splitlines()
+    fence = lines.index("```bash")
+    assert "globalcom2 demo" in lines[fence + 1]
+    assert "pytest" in lines[fence + 2]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert lines[fence + 2].split("&&")[-1].strip() in ci
