@@ -14,6 +14,7 @@ TOOLS = {
     "flops": ("globalcom2.flops", "analytic prefill FLOPs / KV cache (paper Eq. 8, Tables VI-VII)"),
     "bench": ("globalcom2.bench", "measured vision / compression / prefill / decode time and memory"),
     "viz": ("globalcom2.viz", "picture of the tokens a method keeps (paper Fig. 4)"),
+    "report": ("globalcom2.report", "paper-style relative-score table from lmms-eval result files"),
 }
 
 
