@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         def vision():
             out = tower(pv, output_hidden_states=True, return_dict=True)
             feats = model.model.multi_modal_projector(out.hidden_states[model.config.vision_feature_layer][:, 1:])
-            return out.hidden_states[-2], feats
+            return out.hidden_states, feats
 
         hidden, feats = vision()  # warm-up
         print(f"{'R':>6} {'vision ms':>10} {'compress ms':>12} {'overhead':>9}")
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args.method, retention_ratio=ratio)
 
             def compress(cfg=cfg):
-                scores = A._cls_scores(tower, hidden, getattr(cfg, "score", "logits"))
+                layer, kind = cfg.score_source
+                layer = model.config.vision_feature_layer if layer is None else layer
+                scores = A._cls_scores(tower, hidden, kind, layer)
                 rec = A.select_image(cfg, scores, tuple(sizes[0].tolist()), geo)
                 source = torch.cat([feats.flatten(0, 1), newline[None].to(feats.dtype)], dim=0)
                 return source[rec.order]

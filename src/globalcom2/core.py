@@ -246,6 +246,8 @@ def assemble_order(
           rows ends with a newline.
       "spatial" -- kept tokens at their true positions in raster order, one newline per
           unpadded row, as stock LLaVA-NeXT lays out its (uncompressed) features.
+      "flat" -- kept tokens at their true positions in raster order of the whole grid, no
+          newlines (FasterVLM's LLaVA-NeXT path).
     returns: (T,) long.
     """
     n, N = crop_keep.shape
@@ -264,8 +266,11 @@ def assemble_order(
     elif layout == "spatial":
         mask = crop_keep
         row_has_newline = crops_to_grid(valid, grid, side).any(dim=1)
+    elif layout == "flat":
+        mask = crop_keep
+        row_has_newline = torch.zeros(grid[0] * side, dtype=torch.bool, device=dev)
     else:
-        raise ValueError(f"layout must be one of ('authors', 'spatial'), got {layout!r}")
+        raise ValueError(f"layout must be one of ('authors', 'spatial', 'flat'), got {layout!r}")
     g_mask = crops_to_grid(mask, grid, side)  # (nph*S, npw*S)
     g_src = crops_to_grid(src, grid, side)
     g_mask = torch.cat([g_mask, row_has_newline[:, None]], dim=1)

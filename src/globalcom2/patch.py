@@ -6,6 +6,7 @@ instance in the same process is untouched, and ``remove`` restores the original 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .methods import MethodConfig, make_config
 from .models import llava_next as adapter
+from .models import llm_pruning
 
 _STATE = "_globalcom2_config"
 _ORIGINAL = "_globalcom2_original_class"
@@ -42,6 +44,9 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
     else:
         raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
     adapter.check_model(model)
+    if cfg.where == "llm":
+        llm_pruning.check_language_model(model.model.language_model)
+    cfg.check_model(model)
     if not is_patched(model):
         original = type(model)
         patched = type(f"GlobalCom2{original.__name__}", (_PatchedMixin, original), {"__module__": __name__})
@@ -73,11 +78,24 @@ def _prepare(model, input_ids, pixel_values, image_sizes, attention_mask, labels
             "image goes); pass the processor's output unchanged"
         )
     cfg = getattr(model, _STATE)
-    feats, records = adapter.compress(model, cfg, pixel_values, image_sizes, **vision_kwargs)
     geo = adapter.Geometry.from_config(model.config)
-    counts = [geo.stock_tokens(r.image_size) for r in records]
+    if cfg.where == "llm":  # stock visual tokens; the pruning happens inside the language model
+        feats, sizes = adapter.stock_features(model, pixel_values, image_sizes, **vision_kwargs)
+        records = None
+    else:
+        feats, records = adapter.compress(model, cfg, pixel_values, image_sizes, **vision_kwargs)
+        sizes = [r.image_size for r in records]
+    counts = [geo.stock_tokens(s) for s in sizes]
     packed = adapter.pack(model, input_ids, attention_mask, feats, counts, labels=labels, padding_side=padding_side)
     return packed, records
+
+
+def _in_llm(model, packed):
+    """Context of the stock call: pruning hooks for in-LLM methods, nothing otherwise."""
+    cfg = getattr(model, _STATE)
+    if cfg.where != "llm":
+        return contextlib.nullcontext()
+    return llm_pruning.pruning(model, cfg, packed.image_spans)
 
 
 def _padding_side(attention_mask: torch.Tensor | None) -> str:
@@ -114,16 +132,17 @@ def _wrap_forward(original: type):
             _padding_side(attention_mask),
             vision_kwargs,
         )
-        kwargs.pop("position_ids", None)
-        out = stock_forward(
-            self,
-            inputs_embeds=packed.inputs_embeds,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
-            labels=packed.labels,
-            **kwargs,
-        )
-        return out
+        if getattr(self, _STATE).where == "llm" and labels is not None:
+            raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
+        with _in_llm(self, packed):
+            return stock_forward(
+                self,
+                inputs_embeds=packed.inputs_embeds,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.position_ids,
+                labels=packed.labels,
+                **kwargs,
+            )
 
     return forward
 
@@ -140,7 +159,8 @@ class _PatchedMixin:
         vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
         packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs)
         _translate_lengths(self, kwargs, input_ids.shape[1])
-        out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
+        with _in_llm(self, packed):
+            out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         full = torch.cat([prompt.to(sequences.device), sequences], dim=1)

@@ -45,12 +45,17 @@ def tiny_config(
     vision_layers: int = 2,
     vision_heads: int = 4,
     text_hidden: int = 64,
-    text_layers: int = 2,
+    text_layers: int = 3,
     text_heads: int = 4,
     vocab_size: int | None = None,
     pinpoints: list[list[int]] | None = None,
+    text_init_std: float = 0.3,
 ):
-    """A ``LlavaNextConfig`` shaped like LLaVA-NeXT (CLIP tower, Llama LM, AnyRes pinpoints), but tiny."""
+    """A ``LlavaNextConfig`` shaped like LLaVA-NeXT (CLIP tower, Llama LM, AnyRes pinpoints), but tiny.
+
+    ``text_init_std`` is larger than the usual 0.02 so that greedy decoding of the random model
+    produces varied tokens, which makes "same tokens as ..." tests meaningful.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
     tok = tiny_tokenizer()
@@ -77,6 +82,7 @@ def tiny_config(
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
+        initializer_range=text_init_std,
     )
     return LlavaNextConfig(
         vision_config=vision,
@@ -85,6 +91,7 @@ def tiny_config(
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        initializer_range=text_init_std,
     )
 
 

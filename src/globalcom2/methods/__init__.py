@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
 from .base import ImageContext, MethodConfig, Selection
+from .fastervlm import FasterVLMConfig
+from .fastv import FastVConfig
 from .globalcom2 import GlobalCom2Config
 
 __all__ = [
@@ -15,12 +18,17 @@ __all__ = [
     "MethodConfig",
     "Selection",
     "GlobalCom2Config",
+    "FasterVLMConfig",
+    "FastVConfig",
+    "RandomConfig",
     "REGISTRY",
     "available_methods",
     "make_config",
 ]
 
-REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (GlobalCom2Config,)}
+REGISTRY: dict[str, type[MethodConfig]] = {
+    cls.name: cls for cls in (GlobalCom2Config, FasterVLMConfig, FastVConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
+}
 
 
 def available_methods() -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +53,35 @@ class Selection:
     thumb_keep: torch.Tensor
     crop_keep: torch.Tensor
     crop_ratios: torch.Tensor
+
+
+@dataclass
+class Stage:
+    """What a method decided at one pruning layer, row by row (lengths may differ per row)."""
+
+    hidden: list[torch.Tensor]  # per row (L_b, D) new hidden states
+    positions: list[torch.Tensor]  # per row (L_b,) rotary positions
+    visual: list[torch.Tensor]  # per row (L_b,) bool, which entries are (still) visual tokens
+
+
+@dataclass
+class PruneContext:
+    """What a method sees at a pruning layer.
+
+    hidden: (B, L, D) input of layer ``layer_idx`` on the current sequence;
+    key_mask: (B, L) bool real (non-padding) tokens; positions: (B, L) rotary positions;
+    visual: (B, L) bool visual tokens; text_start: (B,) first position after the last visual token;
+    probs: callable(query positions (B, Q)) -> (B, H, Q, L) attention of layer ``layer_idx - 1``.
+    """
+
+    layer_idx: int
+    stage: int
+    hidden: torch.Tensor
+    key_mask: torch.Tensor
+    positions: torch.Tensor
+    visual: torch.Tensor
+    probs: Callable[[torch.Tensor], torch.Tensor]
+    n_visual_full: torch.Tensor  # (B,) visual tokens of each row before any pruning
 
 
 def _fmt(values) -> str:
@@ -107,12 +137,28 @@ class MethodConfig:
         """Choose the tokens of one image."""
         raise NotImplementedError
 
+    def check_model(self, model) -> None:
+        """Method-specific checks against the model, run by ``apply`` before patching."""
+
     def order(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
         """Indices into ``concat(views.flatten(0, 1), newline)`` of the tokens the LLM receives."""
         thumb = sel.thumb_keep
         if getattr(self, "thumbnail_order", "score") == "spatial":
             thumb = thumb.sort().values
         return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name)
+
+    @property
+    def score_source(self) -> tuple[int | None, str]:
+        """(vision layer, "logits" | "softmax") of the [CLS] attention this method ranks by.
+
+        Layer None means the model's ``vision_feature_layer``; -1 is the last encoder layer.
+        """
+        return -1, getattr(self, "score", "logits")
+
+    @property
+    def unpad(self) -> bool:
+        """Whether crop tokens in the processor's letterbox padding are removed before selection."""
+        return True
 
     @property
     def layout_name(self) -> str:

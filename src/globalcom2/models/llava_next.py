@@ -162,13 +162,17 @@ def _image_sizes_list(image_sizes) -> list[tuple[int, int]]:
     return out
 
 
-def _cls_scores(tower: nn.Module, hidden: torch.Tensor, score: str) -> torch.Tensor:
-    """(V, N) [CLS] attention of the tower's last layer from the hidden state entering it.
+def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int = -1) -> torch.Tensor:
+    """(V, N) [CLS] attention of one encoder layer, recomputed from the hidden state entering it.
 
+    hidden_states: the tower's ``output_hidden_states`` tuple (embeddings, then each layer's output).
+    layer: encoder layer index (negative counts from the end; -1 is the last layer).
     Works whatever attention kernel the tower uses (eager, SDPA, flash): only the layer norm and
-    the q/k projections of the last layer are re-applied, for the [CLS] query alone.
+    the q/k projections of that layer are re-applied, for the [CLS] query alone.
     """
-    last = _encoder_layers(tower)[-1]
+    layers = _encoder_layers(tower)
+    pos = layer % len(layers)
+    last, hidden = layers[pos], hidden_states[pos]
     attn = last.self_attn
     x = last.layer_norm1(hidden)  # (V, 1+N, D)
     num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
@@ -185,10 +189,19 @@ def _cls_scores(tower: nn.Module, hidden: torch.Tensor, score: str) -> torch.Ten
 
 
 @torch.no_grad()
-def encode_views(model: nn.Module, pixel_values: torch.Tensor, image_sizes, score: str = "logits", **overrides):
+def encode_views(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    image_sizes,
+    score: str = "logits",
+    score_layer: int | None = -1,
+    **overrides,
+):
     """Run the vision tower once over every view of every image.
 
     pixel_values: (B, V_max, C, H, W) as the processor returns it, or (sum V_i, C, H, W).
+    score, score_layer: which [CLS] attention to return ("logits"/"softmax", encoder layer; None
+        means the model's ``vision_feature_layer``).
     returns: (features, scores, sizes): per image (V_i, N, D_llm) projected features and
         (V_i, N) [CLS] scores, plus the (height, width) of each image.
     """
@@ -229,14 +242,29 @@ def encode_views(model: nn.Module, pixel_values: torch.Tensor, image_sizes, scor
     hs = out.hidden_states
     feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
     feats = model.model.multi_modal_projector(feats[:, 1:])  # (sum V, N, D_llm)
-    scores = _cls_scores(tower, hs[-2], score)  # (sum V, N)
+    score_layer = layer if score_layer is None else score_layer
+    if not isinstance(score_layer, int):
+        raise ValueError(f"the [CLS] score layer must be one int, got {score_layer!r} (vision_feature_layer)")
+    scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
     return list(feats.split(n_views)), list(scores.split(n_views)), sizes
+
+
+@torch.no_grad()
+def stock_features(model: nn.Module, pixel_values: torch.Tensor, image_sizes, **overrides):
+    """Stock LLaVA-NeXT visual tokens per image (the model's own vision path). returns (features, sizes)."""
+    sizes = _image_sizes_list(image_sizes)
+    sizes_t = torch.tensor(sizes, device=pixel_values.device)
+    out = model.model.get_image_features(pixel_values, sizes_t, return_dict=True, **overrides)
+    return list(out.pooler_output), sizes
 
 
 def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geometry, index: int = 0):
     """Run the method on one image. scores: (V, N). returns an ``ImageRecord``."""
     grid = geo.grid(image_size)
-    box = core.unpadded_box(grid, geo.side, image_size, round_digits=cfg.unpad_rounding)
+    if cfg.unpad:
+        box = core.unpadded_box(grid, geo.side, image_size, round_digits=cfg.unpad_rounding)
+    else:
+        box = (0, grid[0] * geo.side, 0, grid[1] * geo.side)
     valid = core.box_mask(box, grid, geo.side, device=scores.device)
     ctx = ImageContext(scores=scores.float(), side=geo.side, grid=grid, valid=valid, image_index=index)
     sel = cfg.select(ctx)
@@ -250,8 +278,8 @@ def compress(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, im
 
     returns: (features, records): per image a (T_i, D_llm) tensor and an ``ImageRecord``.
     """
-    score = getattr(cfg, "score", "logits")
-    feats, scores, sizes = encode_views(model, pixel_values, image_sizes, score=score, **overrides)
+    layer, kind = cfg.score_source
+    feats, scores, sizes = encode_views(model, pixel_values, image_sizes, score=kind, score_layer=layer, **overrides)
     geo = Geometry.from_config(model.config)
     newline = model.model.image_newline
     out, records = [], []

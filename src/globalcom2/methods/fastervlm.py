@@ -1,0 +1,76 @@
+"""FasterVLM: every view keeps its own top tokens by [CLS] attention, no global guidance.
+
+Follows how FasterVLM's authors (github Theia-4869/FasterVLM, ``llava_arch.py`` and the CLIP
+encoder) run LLaVA-NeXT: the [CLS] attention *probabilities* of the layer whose output becomes
+the visual features (``vision_feature_layer``, -2), averaged over heads; each view (thumbnail
+and every crop) keeps the same number ``round(N R)`` of tokens; kept tokens are emitted in
+raster order, the thumbnail's first and the crops' read row by row across the whole crop grid.
+Their LLaVA-NeXT path forces the ``spatial`` merge, so crops are *not* unpadded and no newline
+tokens are added; ``unpad=True`` instead applies R to each crop's unpadded tokens and keeps
+stock LLaVA-NeXT's newlines, as the GlobalCom² paper describes its FasterVLM runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import core
+from .base import ImageContext, MethodConfig, Selection, check_choice
+
+
+@dataclass(frozen=True)
+class FasterVLMConfig(MethodConfig):
+    """FasterVLM options.
+
+    retention_ratio: R in (0, 1]; every view keeps ``max(1, round(N R))`` tokens.
+    unpad: False (FasterVLM's code: padded crop grid, no newlines) or True (R of each crop's
+        unpadded tokens, ``int(N_j R)``, stock newlines).
+    score: "softmax" (FasterVLM) or "logits".
+    """
+
+    name = "fastervlm"
+    description = "FasterVLM: each view keeps its top-R tokens by [CLS] attention (no global guidance)"
+    paper = "FasterVLM [21] (Zhang et al., 2024)"
+
+    unpad: bool = False
+    score: str = "softmax"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.unpad, bool):
+            raise TypeError(f"unpad must be True or False, got {self.unpad!r}")
+        check_choice("score", self.score, ("softmax", "logits"))
+
+    @property
+    def score_source(self) -> tuple[int | None, str]:
+        """The [CLS] row of the feature layer (``vision_feature_layer``), like FasterVLM."""
+        return None, self.score
+
+    @property
+    def layout_name(self) -> str:
+        """Stock newlines when unpadding, FasterVLM's flat stitched grid otherwise."""
+        return "spatial" if self.unpad else "flat"
+
+    @property
+    def thumbnail_order(self) -> str:
+        """Kept thumbnail tokens in raster order."""
+        return "spatial"
+
+    def view_budget(self, n_tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens kept of views with ``n_tokens`` candidates each."""
+        r = self.retention_ratio
+        if self.unpad:
+            return core.count_kept(n_tokens, r)
+        return torch.clamp(torch.round(n_tokens.double() * r), min=1).long().clamp(max=n_tokens)
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """Top tokens of every view by its own [CLS] attention."""
+        n_thumb = torch.tensor(ctx.thumbnail.numel())
+        thumb_keep = core.top_indices(ctx.thumbnail, int(self.view_budget(n_thumb)))
+        k = self.view_budget(ctx.valid.sum(1).cpu())
+        scores = [row[m] for row, m in zip(ctx.crops, ctx.valid)]
+        crop_keep = core.keep_top_per_row(scores, ctx.valid, k)
+        ratios = torch.full((ctx.valid.shape[0],), self.retention_ratio, dtype=torch.float64)
+        return Selection(thumb_keep, crop_keep, ratios)

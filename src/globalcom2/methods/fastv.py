@@ -1,0 +1,80 @@
+"""FastV: after layer K of the language model, keep only the image tokens the last token attends to most.
+
+Follows FastV's authors (github pkunlp-icler/FastV): layers ``0 .. K-1`` see every token; the
+attention probabilities of layer ``K-1`` from the last prompt token, averaged over heads, rank
+the image tokens; layers ``K ..`` see the text plus the top ``int(n_image R)`` image tokens, in
+their original order and at their original rotary positions. Like the KV-cache versions in
+their repository (their HF port and lmms-eval script), pruning happens once at prefill: layers
+``>= K`` cache only the kept tokens and decoding steps attend to those. The vision side and the
+visual tokens entering the LLM are stock LLaVA-NeXT's (thumbnail, unpadded crops, newlines);
+all of them form the candidate "image tokens", as when FastV is run on an AnyRes sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import core
+from .base import ImageContext, MethodConfig, PruneContext, Selection, Stage
+
+
+@dataclass(frozen=True)
+class FastVConfig(MethodConfig):
+    """FastV options.
+
+    retention_ratio: R in (0, 1]; each sample keeps ``int(n_image R)`` of its image tokens.
+    k: prune before decoder layer K (0-based) by layer K-1's attention; 1 <= K < num layers.
+    """
+
+    name = "fastv"
+    description = "FastV: after LLM layer K, keep the image tokens the last token attends to most"
+    where = "llm"
+    paper = "FastV [20] (Chen et al., ECCV 2024)"
+
+    k: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(
+                f"k must be an int >= 1 (prune before layer K using layer K-1's attention), got {self.k!r}"
+            )
+
+    def check_model(self, model) -> None:
+        """K must name a layer of this model's language model."""
+        n = model.config.text_config.num_hidden_layers
+        if self.k >= n:
+            raise ValueError(f"k must be in [1, {n - 1}] for a language model with {n} layers, got {self.k}")
+
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder layer whose input is shortened."""
+        return (self.k,)
+
+    def keep_count(self, n_image: torch.Tensor) -> torch.Tensor:
+        """Image tokens kept per sample: int(n_image R)."""
+        return core.count_kept(n_image.cpu(), self.retention_ratio)
+
+    def prune(self, ctx: PruneContext) -> Stage:
+        """Rank image tokens by the last token's head-averaged attention in layer K-1."""
+        b, length = ctx.key_mask.shape
+        idx = torch.arange(length, device=ctx.key_mask.device)
+        last = torch.where(ctx.key_mask, idx, -1).amax(1)  # last real token of each row
+        score = ctx.probs(last[:, None]).mean(1)[:, 0]  # (B, L)
+        n_vis = (ctx.visual & ctx.key_mask).sum(1)
+        k = self.keep_count(n_vis).tolist()
+        hidden, positions, visual = [], [], []
+        for row in range(b):
+            vis = torch.nonzero(ctx.visual[row] & ctx.key_mask[row]).squeeze(1)
+            text = torch.nonzero(~ctx.visual[row] & ctx.key_mask[row]).squeeze(1)
+            top = vis[torch.topk(score[row, vis], k[row]).indices]
+            keep = torch.cat([text, top]).sort().values
+            hidden.append(ctx.hidden[row, keep])
+            positions.append(ctx.positions[row, keep])
+            visual.append(ctx.visual[row, keep])
+        return Stage(hidden, positions, visual)
+
+    def select(self, ctx: ImageContext) -> Selection:  # pragma: no cover - not a vision-side method
+        """FastV prunes inside the LLM; the vision side is stock."""
+        raise TypeError("fastv prunes inside the language model; it has no vision-side selection")

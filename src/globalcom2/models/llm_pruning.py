@@ -1,0 +1,229 @@
+"""Pruning visual tokens *inside* a Llama-family language model (FastV, SparseVLM).
+
+The stock decoder loop runs unchanged; for the duration of one ``forward``/``generate`` call,
+forward pre-hooks on the decoder layers swap in the shortened hidden states, attention mask and
+rotary embeddings from the first pruning layer on. Each layer's KV cache therefore holds exactly
+the tokens that layer saw (full length before the first pruning layer, shorter after), and
+decoding steps get a mask of the matching length. The hooks are removed when the call returns,
+so the model carries no extra state between calls.
+
+Works with eager and SDPA attention, any batch (rows are pruned independently and re-aligned
+with left padding), and ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..methods.base import PruneContext, Stage
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotate-half of standard RoPE (Llama, Mistral, Qwen2)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def check_language_model(lm: nn.Module) -> None:
+    """Raise unless ``lm`` is a Llama-style decoder the in-LLM methods can drive."""
+    layers = getattr(lm, "layers", None)
+    first = layers[0] if layers is not None and len(layers) else None
+    attn = getattr(first, "self_attn", None)
+    if (
+        first is None
+        or not hasattr(first, "input_layernorm")
+        or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim"))
+    ):
+        raise TypeError(
+            "in-LLM methods (fastv, sparsevlm) need a Llama-style language model (layers with input_layernorm, "
+            f"self_attn.q_proj/k_proj and rotary embeddings); got {type(lm).__name__}"
+        )
+
+
+@torch.no_grad()
+def attention_probs(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor,
+    queries: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention of selected query rows of one decoder layer, recomputed from its input.
+
+    hidden: (B, L, D) input of the layer; cos_sin: rotary (cos, sin), each (B|1, L, hd);
+    key_mask: (B, L) bool keys that may be attended; queries: (B, Q) long query positions
+    (each query attends causally to keys at or before it).
+    returns: (B, H, Q, L) float32 probabilities.
+    """
+    attn = layer.self_attn
+    hd = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    b, length, _ = x.shape
+    cos, sin = (t.float().expand(b, -1, -1) for t in cos_sin)
+    xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))  # (B, Q, D)
+    q = attn.q_proj(xq).float().view(b, queries.shape[1], -1, hd).transpose(1, 2)  # (B, H, Q, hd)
+    k = attn.k_proj(x).float().view(b, length, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+    qcos = torch.gather(cos, 1, queries[..., None].expand(-1, -1, hd))[:, None]
+    qsin = torch.gather(sin, 1, queries[..., None].expand(-1, -1, hd))[:, None]
+    q = q * qcos + rotate_half(q) * qsin
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
+    allowed = key_mask[:, None, None, :] & (
+        torch.arange(length, device=x.device)[None, None, None, :] <= queries[:, None, :, None]
+    )
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.softmax(-1)
+
+
+@dataclass
+class _CallState:
+    plan: object
+    spans: list[list[tuple[int, int]]]
+    prev_input: dict = field(default_factory=dict)
+    key_mask: torch.Tensor | None = None  # (B, L) of the current sequence (after last stage)
+    positions: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    n_visual_full: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # 2D mask of the prompt as seen by pruned layers
+    prompt_len: int = 0
+    pruned_from: int | None = None  # first layer that sees the shortened sequence
+    layer_tokens: dict = field(default_factory=dict)  # layer -> visual tokens per row at prefill
+    lm_mask: torch.Tensor | None = None  # the 2D mask handed to the LM this step
+    is_prefill: bool = True
+    cos_sin: tuple | None = None
+    decoded: int = 0  # tokens appended after the prompt so far
+
+
+def _pad_left(rows: list[torch.Tensor], fill: float | int | bool = 0) -> torch.Tensor:
+    n = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), n, *rows[0].shape[1:]), fill)
+    for i, r in enumerate(rows):
+        if r.shape[0]:
+            out[i, n - r.shape[0] :] = r
+    return out
+
+
+def _layer_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype, eager: bool) -> torch.Tensor:
+    """(B, 1, q_len, L) causal mask for the last ``q_len`` positions over keys ``key_mask`` (B, L)."""
+    length = key_mask.shape[1]
+    q_pos = torch.arange(length - q_len, length, device=key_mask.device)
+    allowed = key_mask[:, None, None, :] & (torch.arange(length, device=key_mask.device)[None, :] <= q_pos[:, None])
+    # rows with no allowed key (left padding) attend to themselves, avoiding NaN; their output is unused
+    diag = (torch.arange(length, device=key_mask.device)[None, :] == q_pos[:, None])[None, None]
+    allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@contextlib.contextmanager
+def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Iterator[_CallState]:
+    """Install the pruning hooks for one call. ``plan`` is an in-LLM method config.
+
+    spans: per batch row, the [start, end) positions of every image's tokens in the LM input.
+    """
+    lm = model.model.language_model
+    layers = lm.layers
+    eager = getattr(model.config.text_config, "_attn_implementation", "sdpa") == "eager"
+    impl = getattr(model.config.text_config, "_attn_implementation", "sdpa")
+    if impl not in ("eager", "sdpa"):
+        raise ValueError(
+            f"in-LLM methods support attn_implementation 'eager' or 'sdpa', the language model uses {impl!r}"
+        )
+    prune_at = set(plan.prune_layers(len(layers)))
+    state = _CallState(plan=plan, spans=spans)
+    handles = []
+
+    def lm_hook(_mod, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        state.lm_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        fresh = cache is None or cache.get_seq_length() == 0
+        state.is_prefill = embeds is not None and fresh
+        if not state.is_prefill and embeds is not None:
+            state.decoded += embeds.shape[1]
+        if state.is_prefill:  # a new prompt (or a cache-less step re-running the whole sequence)
+            state.pruned_from, state.layer_tokens, state.decoded = None, {}, 0
+            b, length = embeds.shape[:2]
+            mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
+            state.prompt_len = length
+            state.key_mask = mask.to(embeds.device)
+            pos = kwargs.get("position_ids")
+            state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
+            vis = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
+            for row, row_spans in enumerate(spans):
+                for s, e in row_spans:
+                    vis[row, s:e] = True
+            state.visual = vis
+            state.n_visual_full = vis.sum(1)
+        return None
+
+    def make_layer_hook(idx: int):
+        def hook(layer, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if state.is_prefill:
+                if idx in prune_at:
+                    hidden = _prune(idx, hidden, kwargs)
+                    if args:
+                        args = (hidden, *args[1:])
+                    else:
+                        kwargs["hidden_states"] = hidden
+                if state.pruned_from is not None and idx >= state.pruned_from:
+                    kwargs["attention_mask"] = _layer_mask(state.key_mask, hidden.shape[1], hidden.dtype, eager)
+                    kwargs["position_embeddings"] = state.cos_sin
+                    kwargs["position_ids"] = state.positions
+                state.layer_tokens[idx] = (state.visual & state.key_mask).sum(1).tolist()
+                if idx + 1 in prune_at:
+                    state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"]}
+            elif state.pruned_from is not None and idx >= state.pruned_from:
+                # keys of a pruned layer: its shortened prompt, then every token decoded so far
+                new = state.lm_mask[:, state.prompt_len :] if state.lm_mask is not None else None
+                if new is None or new.shape[1] != state.decoded:
+                    new = torch.ones(hidden.shape[0], state.decoded, dtype=torch.bool, device=hidden.device)
+                keys = torch.cat([state.key_mask, new.bool().to(state.key_mask.device)], dim=1)
+                kwargs["attention_mask"] = _layer_mask(keys, hidden.shape[1], hidden.dtype, eager)
+            return args, kwargs
+
+        return hook
+
+    def _prune(idx, hidden, kwargs):
+        prev = state.prev_input
+        prev_layer = layers[idx - 1]
+
+        def probs(queries: torch.Tensor) -> torch.Tensor:
+            return attention_probs(prev_layer, prev["hidden"], prev["cos_sin"], state.key_mask, queries)
+
+        ctx = PruneContext(
+            layer_idx=idx,
+            stage=sorted(prune_at).index(idx),
+            hidden=hidden,
+            key_mask=state.key_mask,
+            positions=state.positions,
+            visual=state.visual,
+            probs=probs,
+            n_visual_full=state.n_visual_full,
+        )
+        out: Stage = plan.prune(ctx)
+        state.key_mask = _pad_left([torch.ones(h.shape[0], dtype=torch.bool, device=hidden.device) for h in out.hidden])
+        new_hidden = _pad_left(out.hidden)
+        state.positions = _pad_left(out.positions)
+        state.visual = _pad_left(out.visual, False)
+        state.cos_sin = lm.rotary_emb(new_hidden, position_ids=state.positions)
+        if state.pruned_from is None:
+            state.pruned_from = idx
+        return new_hidden
+
+    handles.append(lm.register_forward_pre_hook(lm_hook, with_kwargs=True))
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(make_layer_hook(i), with_kwargs=True))
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
