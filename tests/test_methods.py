@@ -288,3 +288,14 @@ def test_fastv_generate_without_cache_matches_with_cache_first_token(processor):
     a = model.generate(**inputs, max_new_tokens=1, do_sample=False)
     b = model.generate(**inputs, max_new_tokens=1, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["globalcom2", "fastv"])
+def test_beam_search_and_multiple_returns(processor, images, name):
+    model = tiny_model()
+    globalcom2.apply(model, method=name, retention_ratio=0.25)
+    batch = make_inputs(processor, images[:2], [PROMPT, PROMPT])
+    out = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    n_prompt = batch["input_ids"].shape[1]
+    assert out.shape[0] == 4
+    assert torch.equal(out[:, :n_prompt], batch["input_ids"].repeat_interleave(2, dim=0))

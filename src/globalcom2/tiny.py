@@ -47,6 +47,7 @@ def tiny_config(
     text_hidden: int = 64,
     text_layers: int = 3,
     text_heads: int = 4,
+    text_intermediate: int | None = None,
     vocab_size: int | None = None,
     pinpoints: list[list[int]] | None = None,
     text_init_std: float = 0.3,
@@ -73,7 +74,7 @@ def tiny_config(
     )
     text = LlamaConfig(
         hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
+        intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_heads,

@@ -157,7 +157,8 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
             pos = kwargs.get("position_ids")
             state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
             vis = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
-            for row, row_spans in enumerate(spans):
+            expand = b // max(len(spans), 1)  # beams / num_return_sequences repeat each row
+            for row, row_spans in enumerate(s for s in spans for _ in range(expand)):
                 for s, e in row_spans:
                     vis[row, s:e] = True
             state.visual = vis
