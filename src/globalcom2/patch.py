@@ -120,20 +120,12 @@ def _wrap_forward(original: type):
                 "position_ids cannot be given with pixel_values while compression is on: they describe the "
                 "uncompressed sequence; leave them out and they are derived from the shortened attention mask"
             )
-        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
         labels = kwargs.pop("labels", None)
-        packed, records = _prepare(
-            self,
-            input_ids,
-            pixel_values,
-            image_sizes,
-            attention_mask,
-            labels,
-            _padding_side(attention_mask),
-            vision_kwargs,
-        )
         if getattr(self, _STATE).where == "llm" and labels is not None:
             raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
+        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
+        side = _padding_side(attention_mask)
+        packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, labels, side, vision_kwargs)
         with _in_llm(self, packed):
             return stock_forward(
                 self,
