@@ -16,6 +16,13 @@ from globalcom2.tiny import demo_image, tiny_model
 
 VISION = sorted(n for n, c in REGISTRY.items() if c.where == "vision")
 IN_LLM = sorted(n for n, c in REGISTRY.items() if c.where == "llm")
+# SparseVLM prunes after three layers: give it a deeper tiny model
+DEEP = {"sparsevlm": ({"text_layers": 8}, {"layers": (1, 3, 5)})}
+
+
+def _model_and_options(name, **model_kwargs):
+    extra_model, options = DEEP.get(name, ({}, {}))
+    return tiny_model(**model_kwargs, **extra_model), options
 
 
 def _ctx(n_crops=4, side=4, seed=0, valid=None):
@@ -37,7 +44,7 @@ def test_registry_names_descriptions_and_kinds():
     expected = {
         "globalcom2", "fastervlm", "fastv", "random", "thumbnail_only", "crops_only", "drop_random_crop",
         "drop_important_crop", "drop_unimportant_crop", "uniform", "ntopk", "softmax_max", "softmax_sum",
-        "local_only", "global_only", "global_local",
+        "local_only", "global_only", "global_local", "sparsevlm",
     }  # fmt: skip
     assert expected <= set(methods)
     assert all(isinstance(d, str) and d for d in methods.values())
@@ -238,9 +245,9 @@ def test_fastv_token_count_per_layer(processor):
 
 @pytest.mark.parametrize("name", VISION + IN_LLM)
 def test_every_method_batch_of_mixed_sizes_matches_alone(processor, images, name):
-    model = tiny_model()
+    model, options = _model_and_options(name)
     prompts = [PROMPT, "USER: <image>\nhow many ? ASSISTANT:", "USER: <image>\ndescribe the picture please ASSISTANT:"]
-    globalcom2.apply(model, method=name, retention_ratio=0.5)
+    globalcom2.apply(model, method=name, retention_ratio=0.5, **options)
     batch = make_inputs(processor, images, prompts)
     out = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=None)
     n_prompt = batch["input_ids"].shape[1]
@@ -253,16 +260,14 @@ def test_every_method_batch_of_mixed_sizes_matches_alone(processor, images, name
 
 @pytest.mark.parametrize("name", VISION + IN_LLM)
 def test_every_method_eager_bf16_and_remove(processor, images, name):
-    model, twin = (
-        tiny_model(attn_implementation="eager", dtype=torch.bfloat16),
-        tiny_model(attn_implementation="eager", dtype=torch.bfloat16),
-    )
+    model, options = _model_and_options(name, attn_implementation="eager", dtype=torch.bfloat16)
+    twin, _ = _model_and_options(name, attn_implementation="eager", dtype=torch.bfloat16)
     inputs = make_inputs(processor, images[:2], [PROMPT, PROMPT])
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     with torch.no_grad():
         twin(**inputs)
         ref = twin(**inputs).logits
-        globalcom2.apply(model, method=name, retention_ratio=0.25)
+        globalcom2.apply(model, method=name, retention_ratio=0.25, **options)
         out = model(**inputs)
         assert out.logits.dtype == torch.bfloat16 and out.logits.isfinite().all()
         model.generate(**inputs, max_new_tokens=2, do_sample=False)

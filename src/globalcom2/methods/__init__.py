@@ -12,6 +12,7 @@ from .base import ImageContext, MethodConfig, Selection
 from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
 from .globalcom2 import GlobalCom2Config
+from .sparsevlm import SparseVLMConfig
 
 __all__ = [
     "ImageContext",
@@ -20,15 +21,15 @@ __all__ = [
     "GlobalCom2Config",
     "FasterVLMConfig",
     "FastVConfig",
+    "SparseVLMConfig",
     "RandomConfig",
     "REGISTRY",
     "available_methods",
     "make_config",
 ]
 
-REGISTRY: dict[str, type[MethodConfig]] = {
-    cls.name: cls for cls in (GlobalCom2Config, FasterVLMConfig, FastVConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
-}
+_ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
+REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 
 def available_methods() -> dict[str, str]:

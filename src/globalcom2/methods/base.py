@@ -70,8 +70,12 @@ class PruneContext:
 
     hidden: (B, L, D) input of layer ``layer_idx`` on the current sequence;
     key_mask: (B, L) bool real (non-padding) tokens; positions: (B, L) rotary positions;
-    visual: (B, L) bool visual tokens; text_start: (B,) first position after the last visual token;
-    probs: callable(query positions (B, Q)) -> (B, H, Q, L) attention of layer ``layer_idx - 1``.
+    visual: (B, L) bool visual tokens;
+    probs: callable(query positions (B, Q)) -> (B, H, Q, L) attention of layer ``layer_idx - 1``;
+    n_visual_full: (B,) visual tokens of each row before any pruning;
+    prompt: the language model's input at prefill, (embeds (B, L0, D), key mask (B, L0), visual (B, L0),
+        positions (B, L0)), before any pruning;
+    num_layers: decoder layers of the language model.
     """
 
     layer_idx: int
@@ -81,7 +85,9 @@ class PruneContext:
     positions: torch.Tensor
     visual: torch.Tensor
     probs: Callable[[torch.Tensor], torch.Tensor]
-    n_visual_full: torch.Tensor  # (B,) visual tokens of each row before any pruning
+    n_visual_full: torch.Tensor
+    prompt: tuple | None = None
+    num_layers: int = 0
 
 
 def _fmt(values) -> str:

@@ -98,6 +98,8 @@ class _CallState:
     is_prefill: bool = True
     cos_sin: tuple | None = None
     decoded: int = 0  # tokens appended after the prompt so far
+    prompt: tuple | None = None  # (embeds, key mask, visual, positions) of the LM input at prefill
+    stage_masks: dict = field(default_factory=dict)  # first layer of a stage -> its prompt key mask
 
 
 def _pad_left(rows: list[torch.Tensor], fill: float | int | bool = 0) -> torch.Tensor:
@@ -149,7 +151,7 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         if not state.is_prefill and embeds is not None:
             state.decoded += embeds.shape[1]
         if state.is_prefill:  # a new prompt (or a cache-less step re-running the whole sequence)
-            state.pruned_from, state.layer_tokens, state.decoded = None, {}, 0
+            state.pruned_from, state.layer_tokens, state.decoded, state.stage_masks = None, {}, 0, {}
             b, length = embeds.shape[:2]
             mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
             state.prompt_len = length
@@ -163,6 +165,7 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                     vis[row, s:e] = True
             state.visual = vis
             state.n_visual_full = vis.sum(1)
+            state.prompt = (embeds, state.key_mask, vis, state.positions)
         return None
 
     def make_layer_hook(idx: int):
@@ -187,7 +190,9 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                 new = state.lm_mask[:, state.prompt_len :] if state.lm_mask is not None else None
                 if new is None or new.shape[1] != state.decoded:
                     new = torch.ones(hidden.shape[0], state.decoded, dtype=torch.bool, device=hidden.device)
-                keys = torch.cat([state.key_mask, new.bool().to(state.key_mask.device)], dim=1)
+                start = max(k for k in state.stage_masks if k <= idx)  # this layer's pruning stage
+                prompt_keys = state.stage_masks[start]
+                keys = torch.cat([prompt_keys, new.bool().to(prompt_keys.device)], dim=1)
                 kwargs["attention_mask"] = _layer_mask(keys, hidden.shape[1], hidden.dtype, eager)
             return args, kwargs
 
@@ -209,6 +214,8 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
             visual=state.visual,
             probs=probs,
             n_visual_full=state.n_visual_full,
+            prompt=state.prompt,
+            num_layers=len(layers),
         )
         out: Stage = plan.prune(ctx)
         state.key_mask = _pad_left([torch.ones(h.shape[0], dtype=torch.bool, device=hidden.device) for h in out.hidden])
@@ -218,6 +225,7 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         state.cos_sin = lm.rotary_emb(new_hidden, position_ids=state.positions)
         if state.pruned_from is None:
             state.pruned_from = idx
+        state.stage_masks[idx] = state.key_mask
         return new_hidden
 
     handles.append(lm.register_forward_pre_hook(lm_hook, with_kwargs=True))
