@@ -390,7 +390,7 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     """The printed results table."""
     head = (
         f"{'method':>12} {'R':>5} {'vis.tok':>7} {'vision ms':>9} {'compr ms':>8} {'prefill ms':>10} "
-        f"{'speedup':>7} {'Eq.8 bound':>10} {'decode ms':>9} {'peak MB':>8} {'KV MB':>8} {'KV pred':>8}"
+        f"{'speedup':>7} {'Eq.8 bound':>10} {'decode ms':>9} {'peak MB':>8} {'KV MiB':>8} {'KV pred':>8}"
     )
     if args.extrapolate_layers:
         head += f" {'prefill@' + str(args.extrapolate_layers) + 'L (extrap.)':>22}"
