@@ -16,7 +16,6 @@ analytic ``2 L T d_kv bytes``, and the Eq. 8 prefill-FLOPs bound on the speedup.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import threading
@@ -478,10 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-            w.writeheader()
-            w.writerows(asdict(r) for r in rows)
+        flops.write_csv(args.csv, rows)
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")

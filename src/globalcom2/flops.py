@@ -246,6 +246,14 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
 # --------------------------------------------------------------------------------------------
 
 
+def write_csv(path: str, rows: list) -> None:
+    """Write dataclass rows to a CSV file, one column per field."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        w.writerows(asdict(r) for r in rows)
+
+
 def format_table(rows: list[EfficiencyRow], shape: LMShape) -> str:
     """The printed table."""
     lines = [
@@ -308,10 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 note = "" if c.exact else " (expected; depends on the image)"
                 print(f"  {m:>12} R={r:<5} stock {c.stock} -> {c.kept}{note}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-            w.writeheader()
-            w.writerows(asdict(r) for r in rows)
+        write_csv(args.csv, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": asdict(shape), "rows": [asdict(r) for r in rows]}, indent=2))
     return 0
