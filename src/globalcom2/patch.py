@@ -149,7 +149,10 @@ class _PatchedMixin:
         if pixel_values is None or pixel_values.numel() == 0:
             return stock(input_ids, *args, attention_mask=attention_mask, **kwargs)
         vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
-        packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs)
+        with torch.no_grad():  # like stock generate: no autograd graph for the prompt
+            packed, _ = _prepare(
+                self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs
+            )
         _translate_lengths(self, kwargs, input_ids.shape[1])
         with _in_llm(self, packed):
             out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
