@@ -171,6 +171,8 @@ def test_labels_are_shortened_with_the_sequence(model, processor):
     globalcom2.apply(model, retention_ratio=0.25)
     out = model(**inputs, labels=labels)
     assert out.loss is not None and out.loss.isfinite()
+    out.loss.backward()  # gradients reach the projector through the kept features, as in stock
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -188,7 +188,6 @@ def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int =
     return core.cls_attention(q_cls, keys, num_heads, score)
 
 
-@torch.no_grad()
 def encode_views(
     model: nn.Module,
     pixel_values: torch.Tensor,
@@ -245,7 +244,8 @@ def encode_views(
     score_layer = layer if score_layer is None else score_layer
     if not isinstance(score_layer, int):
         raise ValueError(f"the [CLS] score layer must be one int, got {score_layer!r} (vision_feature_layer)")
-    scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
+    with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
+        scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
     return list(feats.split(n_views)), list(scores.split(n_views)), sizes
 
 
@@ -272,7 +272,6 @@ def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geome
     return ImageRecord(tuple(image_size), grid, geo.side, valid, sel, order, scores)
 
 
-@torch.no_grad()
 def compress(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes, **overrides):
     """Visual tokens for the LLM, per image, plus a record of what was kept.
 
