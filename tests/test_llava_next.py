@@ -176,7 +176,7 @@ def test_labels_are_shortened_with_the_sequence(model, processor):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_attention_kernels_and_dtypes(processor, images, attn, dtype):
     model = tiny_model(attn_implementation=attn, dtype=dtype)
     inputs = make_inputs(processor, images[:2], [PROMPT, PROMPT])
