@@ -145,9 +145,7 @@ def count_kept(n_tokens: torch.Tensor, ratio: torch.Tensor | float) -> torch.Ten
 
 
 def thumbnail_to_grid(thumb: torch.Tensor, side: int, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of the (N,) thumbnail score map to ``size`` = (h, w)."""
-    if size[0] == 0 or size[1] == 0:
-        return thumb.new_zeros(size)
+    """Bilinear resize (align_corners=False) of the (N,) thumbnail score map to ``size`` = (h, w) > 0."""
     x = thumb.view(1, 1, side, side)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0]
 
@@ -171,6 +169,8 @@ def global_crop_scores(thumb: torch.Tensor, valid: torch.Tensor, grid: tuple[int
     vgrid = crops_to_grid(valid, grid, side)
     box_h = int(vgrid.any(dim=1).sum())
     box_w = int(vgrid.any(dim=0).sum())
+    if box_h == 0 or box_w == 0:  # an image so thin that no crop token survives unpadding
+        return torch.zeros(n, side * side, dtype=thumb.dtype, device=thumb.device)
     interp = thumbnail_to_grid(thumb, side, (box_h, box_w))  # (box_h, box_w)
 
     # offset of each crop's block inside the interpolated map
@@ -183,10 +183,8 @@ def global_crop_scores(thumb: torch.Tensor, valid: torch.Tensor, grid: tuple[int
     local = torch.arange(side, device=valid.device)
     rr = row_off[:, None, None] + local.view(1, 1, side) - first_r[..., None]  # (nph, npw, S)
     cc = col_off[..., None] + local.view(1, 1, side) - first_c[..., None]  # (nph, npw, S)
-    rr = rr.clamp(0, max(box_h - 1, 0)).view(n, side, 1)
-    cc = cc.clamp(0, max(box_w - 1, 0)).view(n, 1, side)
-    if box_h == 0 or box_w == 0:
-        return torch.zeros(n, side * side, dtype=thumb.dtype, device=thumb.device)
+    rr = rr.clamp(0, box_h - 1).view(n, side, 1)  # padded positions clamp; they are zeroed below
+    cc = cc.clamp(0, box_w - 1).view(n, 1, side)
     out = interp[rr, cc].reshape(n, side * side)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
