@@ -277,3 +277,22 @@ def test_forward_signature_stays_visible(model):
     stock = inspect.signature(LlavaNextForConditionalGeneration.forward)
     globalcom2.apply(model)
     assert inspect.signature(type(model).forward) == stock
+
+
+def test_pack_moves_labels_with_their_tokens(model, processor):
+    inputs = make_inputs(
+        processor, [demo_image(300, 220), demo_image(150, 400)], [PROMPT, "USER: <image>\nhow ? ASSISTANT:"]
+    )
+    labels = inputs["input_ids"].clone()
+    img = model.config.image_token_id
+    feats, recs = A.compress(model, globalcom2.make_config(), inputs["pixel_values"], inputs["image_sizes"])
+    geo = A.Geometry.from_config(model.config)
+    counts = [geo.stock_tokens(r.image_size) for r in recs]
+    packed = A.pack(model, inputs["input_ids"], inputs["attention_mask"], feats, counts, labels=labels)
+    for b in range(2):
+        real = inputs["attention_mask"][b].bool()
+        text = labels[b][real & (labels[b] != img)]
+        ((start, end),) = packed.image_spans[b]
+        got = packed.labels[b][packed.attention_mask[b].bool()]
+        assert (packed.labels[b, start:end] == -100).all() and end - start == recs[b].num_tokens
+        assert torch.equal(got[got != -100], text)

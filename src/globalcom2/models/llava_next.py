@@ -354,20 +354,19 @@ def pack(
                     "pass input_ids, pixel_values and image_sizes from the same processor call"
                 )
             seg = text_pos[(text_pos >= cursor) & (text_pos < start)]
-            pieces.append(embeds[b, seg])
-            lab.append(labels[b, seg] if labels is not None else seg)
-            length += seg.numel()
             feat = image_features[img].to(embeds.device, dtype)
-            pieces.append(feat)
-            lab.append(torch.full((feat.shape[0],), ignore_index, dtype=torch.long, device=embeds.device))
+            pieces += [embeds[b, seg], feat]
+            if labels is not None:
+                lab += [labels[b, seg], labels.new_full((feat.shape[0],), ignore_index)]
+            length += seg.numel()
             row_spans.append((length, length + feat.shape[0]))
             length += feat.shape[0]
             cursor, used, img = end, used + stock_counts[img], img + 1
         seg = text_pos[text_pos >= cursor]
         pieces.append(embeds[b, seg])
-        lab.append(labels[b, seg] if labels is not None else seg)
         rows.append(torch.cat(pieces, dim=0))
-        row_labels.append(torch.cat(lab, dim=0))
+        if labels is not None:
+            row_labels.append(torch.cat([*lab, labels[b, seg]], dim=0))
         spans.append(row_spans)
     if img != len(stock_counts):
         raise ValueError(f"{len(stock_counts)} images were given but input_ids place only {img}")
@@ -376,7 +375,7 @@ def pack(
     d = embeds.shape[-1]
     out = embeds.new_zeros(bsz, max_len, d)
     mask = torch.zeros(bsz, max_len, dtype=torch.long, device=embeds.device)
-    new_labels = torch.full((bsz, max_len), ignore_index, dtype=torch.long, device=embeds.device)
+    new_labels = None if labels is None else labels.new_full((bsz, max_len), ignore_index)
     for b, r in enumerate(rows):
         n = r.shape[0]
         sl = slice(max_len - n, max_len) if padding_side == "left" else slice(0, n)
@@ -387,4 +386,4 @@ def pack(
         if padding_side == "left":
             spans[b] = [(s + max_len - n, e + max_len - n) for s, e in spans[b]]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return PackedInputs(out, mask, position_ids, new_labels if labels is not None else None, spans)
+    return PackedInputs(out, mask, position_ids, new_labels, spans)
