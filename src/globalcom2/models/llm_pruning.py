@@ -83,8 +83,8 @@ def attention_probs(
 
 @dataclass
 class _CallState:
-    plan: object
-    spans: list[list[tuple[int, int]]]
+    """What the hooks of one call share: the current (shortened) sequence and the decode bookkeeping."""
+
     prev_input: dict = field(default_factory=dict)
     key_mask: torch.Tensor | None = None  # (B, L) of the current sequence (after last stage)
     positions: torch.Tensor | None = None
@@ -93,7 +93,6 @@ class _CallState:
     decode_mask: torch.Tensor | None = None  # 2D mask of the prompt as seen by pruned layers
     prompt_len: int = 0
     pruned_from: int | None = None  # first layer that sees the shortened sequence
-    layer_tokens: dict = field(default_factory=dict)  # layer -> visual tokens per row at prefill
     lm_mask: torch.Tensor | None = None  # the 2D mask handed to the LM this step
     is_prefill: bool = True
     cos_sin: tuple | None = None
@@ -132,14 +131,14 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
     """
     lm = model.model.language_model
     layers = lm.layers
-    eager = getattr(model.config.text_config, "_attn_implementation", "sdpa") == "eager"
     impl = getattr(model.config.text_config, "_attn_implementation", "sdpa")
+    eager = impl == "eager"
     if impl not in ("eager", "sdpa"):
         raise ValueError(
             f"in-LLM methods support attn_implementation 'eager' or 'sdpa', the language model uses {impl!r}"
         )
     prune_at = set(plan.prune_layers(len(layers)))
-    state = _CallState(plan=plan, spans=spans)
+    state = _CallState()
     handles = []
 
     def lm_hook(_mod, args, kwargs):
@@ -151,7 +150,7 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         if not state.is_prefill and embeds is not None:
             state.decoded += embeds.shape[1]
         if state.is_prefill:  # a new prompt (or a cache-less step re-running the whole sequence)
-            state.pruned_from, state.layer_tokens, state.decoded, state.stage_masks = None, {}, 0, {}
+            state.pruned_from, state.decoded, state.stage_masks = None, 0, {}
             b, length = embeds.shape[:2]
             mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
             state.prompt_len = length
@@ -182,7 +181,6 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                     kwargs["attention_mask"] = _layer_mask(state.key_mask, hidden.shape[1], hidden.dtype, eager)
                     kwargs["position_embeddings"] = state.cos_sin
                     kwargs["position_ids"] = state.positions
-                state.layer_tokens[idx] = (state.visual & state.key_mask).sum(1).tolist()
                 if idx + 1 in prune_at:
                     state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"]}
             elif state.pruned_from is not None and idx >= state.pruned_from:
