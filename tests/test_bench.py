@@ -36,3 +36,15 @@ def test_bench_rejects_bad_arguments():
         bench.main(["--tiny", "--ratios", "0"])
     with pytest.raises(ValueError, match="method must be one of"):
         bench.main(["--tiny", "--methods", "nope", "--repeats", "1", "--quiet"])
+
+
+def test_bench_loads_a_local_checkpoint(tmp_path, capsys):
+    from globalcom2.tiny import tiny_model, tiny_processor
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    tiny_processor().save_pretrained(ckpt)
+    argv = ["--model", str(ckpt), "--repeats", "1", "--methods", "globalcom2", "--ratios", "0.5", "--decode-tokens",
+            "1", "--quiet", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert f"local checkpoint {ckpt}" in capsys.readouterr().out
