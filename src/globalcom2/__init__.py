@@ -5,6 +5,7 @@
 >>> globalcom2.remove(model)                         # stock model again
 """
 
+from .budget import num_image_tokens
 from .methods import GlobalCom2Config, MethodConfig, available_methods, make_config
 from .patch import apply, get_config, is_patched, remove
 
@@ -17,6 +18,7 @@ __all__ = [
     "get_config",
     "available_methods",
     "make_config",
+    "num_image_tokens",
     "GlobalCom2Config",
     "MethodConfig",
     "__version__",

@@ -55,6 +55,11 @@ def _fields(cfg: MethodConfig) -> dict[str, Any]:
 
 def _checked(cls: type[MethodConfig], options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(cls.option_names()))
+    if unknown == ["budget"] and cls.where == "llm":
+        raise TypeError(
+            f"method {cls.name!r} prunes inside the language model, where budget does not apply: every image "
+            "enters it with stock LLaVA-NeXT's token count; budget is an option of the vision-side methods"
+        )
     if unknown:
         raise TypeError(
             f"method {cls.name!r} does not take option(s) {', '.join(unknown)}; "

@@ -15,7 +15,7 @@ import torch
 
 from .. import core
 from .base import ImageContext, MethodConfig, Selection, check_choice
-from .globalcom2 import SCORES, GlobalCom2Config
+from .globalcom2 import BUDGETS, SCORES, GlobalCom2Config
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,8 @@ class RandomConfig(GlobalCom2Config):
         # the same draw for an image whether it is alone or in a batch
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.rand(ctx.scores.shape, generator=gen).to(ctx.scores.device)
-        k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
         ratios = self.crop_ratios(ctx)
-        k = core.count_kept(ctx.valid.sum(1).cpu(), ratios.cpu())
+        k0, k = self.budgets(ctx, ratios)
         crop_keep = core.keep_top_per_row([row[m] for row, m in zip(noise[1:], ctx.valid)], ctx.valid, k)
         return Selection(core.top_indices(noise[0], k0), crop_keep, ratios)
 
@@ -124,6 +123,11 @@ class _ViewSubsetConfig(MethodConfig):
     retention_ratio: share of each kept view's tokens (top ``int(N_v R)`` by [CLS] score); 1.0 = the paper.
     score: [CLS] attention of the last layer as "logits" (default) or "softmax".
     seed: which crop ``drop_random_crop`` drops (same for every image, batch or not).
+    budget: "authors" (default) keeps ``int(N_j R)`` of every crop left. Which crop
+        ``drop_important_crop`` / ``drop_unimportant_crop`` drop depends on the image's content, and so
+        does their count; with "exact" the crops left keep round(R (sum N_j - max N_j)) tokens together,
+        shared in proportion to N_j (capped at N_j), a count that depends on the image size only. The
+        other variants' counts already depend on the size only: "exact" changes nothing there.
     """
 
     mode: ClassVar[str] = ""
@@ -132,10 +136,12 @@ class _ViewSubsetConfig(MethodConfig):
     retention_ratio: float = 1.0
     score: str = "logits"
     seed: int = 0
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("score", self.score, SCORES)
+        check_choice("budget", self.budget, BUDGETS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
 
@@ -152,17 +158,49 @@ class _ViewSubsetConfig(MethodConfig):
             return int(importance.argmax() if self.mode == "drop_important_crop" else importance.argmin())
         return None
 
-    def select(self, ctx: ImageContext) -> Selection:
-        """Keep whole views (or their top-R tokens) except the ones the variant removes."""
+    @property
+    def content_independent(self) -> bool:
+        """Whether the number of kept tokens depends on the image size only (not on its pixels)."""
+        return self.budget == "exact" or self.mode not in ("drop_important_crop", "drop_unimportant_crop")
+
+    def budgets(self, ctx: ImageContext, drop: int | None) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) long crop tokens) when crop ``drop`` (or none) is removed."""
         r = self.retention_ratio
+        n_tok = ctx.valid.sum(1).cpu()  # (n,) N_j
+        k0 = 0 if self.mode == "crops_only" else int(core.count_kept(ctx.thumbnail.numel(), r))
+        if self.mode == "thumbnail_only":
+            return k0, torch.zeros_like(n_tok)
+        caps = n_tok.clone()
+        if drop is not None:
+            caps[drop] = 0
+        if self.budget == "exact" and self.mode != "drop_random_crop" and drop is not None:
+            total = core.exact_total(n_tok.sum() - n_tok.max(), r)
+            return k0, core.allocate_exact(caps.double(), caps, total)
+        return k0, core.count_kept(caps, r)
+
+    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count.
+
+        Reads only the geometry, never the scores; ValueError when the count depends on the content.
+        """
+        if not self.content_independent:
+            raise ValueError(
+                f"method {self.name!r} drops the crop chosen by the image's content, so with budget='authors' "
+                "its token count depends on the content; pass budget='exact' for a count that depends on the "
+                "image size only"
+            )
+        if self.mode == "drop_random_crop":
+            return self.budgets(ctx, self.dropped_crop(ctx))
+        return self.budgets(ctx, 0 if self.mode in ("drop_important_crop", "drop_unimportant_crop") else None)
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """Keep whole views (or their top tokens) except the ones the variant removes."""
         n = ctx.valid.shape[0]
-        keep_thumb = self.mode != "crops_only"
-        k0 = int(core.count_kept(ctx.thumbnail.numel(), r)) if keep_thumb else 0
-        ratios = torch.full((n,), 0.0 if self.mode == "thumbnail_only" else r, dtype=torch.float64)
+        ratios = torch.full((n,), 0.0 if self.mode == "thumbnail_only" else self.retention_ratio, dtype=torch.float64)
         drop = self.dropped_crop(ctx)
         if drop is not None:
             ratios[drop] = 0.0
-        k = core.count_kept(ctx.valid.sum(1).cpu(), ratios)
+        k0, k = self.budgets(ctx, drop)
         crop_keep = core.keep_top_per_row([row[m] for row, m in zip(ctx.crops, ctx.valid)], ctx.valid, k)
         return Selection(core.top_indices(ctx.thumbnail, k0), crop_keep, ratios)
 

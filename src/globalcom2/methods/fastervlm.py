@@ -28,6 +28,8 @@ class FasterVLMConfig(MethodConfig):
     unpad: False (FasterVLM's code: padded crop grid, no newlines) or True (R of each crop's
         unpadded tokens, ``int(N_j R)``, stock newlines).
     score: "softmax" (FasterVLM) or "logits".
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: every view's
+        count already depends on the image size only (``globalcom2.num_image_tokens``).
     """
 
     name = "fastervlm"
@@ -36,12 +38,14 @@ class FasterVLMConfig(MethodConfig):
 
     unpad: bool = False
     score: str = "softmax"
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.unpad, bool):
             raise TypeError(f"unpad must be True or False, got {self.unpad!r}")
         check_choice("score", self.score, ("softmax", "logits"))
+        check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
     def score_source(self) -> tuple[int | None, str]:
@@ -64,6 +68,16 @@ class FasterVLMConfig(MethodConfig):
         if self.unpad:
             return core.count_kept(n_tokens, r)
         return torch.clamp(torch.round(n_tokens.double() * r), min=1).long().clamp(max=n_tokens)
+
+    @property
+    def content_independent(self) -> bool:
+        """Always True: each view keeps a count set by its size."""
+        return True
+
+    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens): the counts ``select`` keeps for any image of this geometry."""
+        n_thumb = torch.tensor(ctx.thumbnail.numel())
+        return int(self.view_budget(n_thumb)), self.view_budget(ctx.valid.sum(1).cpu())
 
     def select(self, ctx: ImageContext) -> Selection:
         """Top tokens of every view by its own [CLS] attention."""

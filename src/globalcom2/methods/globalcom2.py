@@ -14,6 +14,7 @@ IMPORTANCES = ("global_local", "local_only", "global_only")
 SCORES = ("logits", "softmax")
 THUMBNAIL_ORDERS = ("score", "spatial")
 LAYOUTS = ("authors", "spatial")
+BUDGETS = ("authors", "exact")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class GlobalCom2Config(MethodConfig):
     allocation: how crop ratios are allocated (Table IV): "softmax_sum" (default), "softmax_max",
         "ntopk", "uniform".
     importance: crop-token importance (Table V): "global_local" (default), "local_only", "global_only".
+    budget: "authors" (default): crop j keeps int(N_j r_j), so the total depends on the image's content
+        (except with allocation="uniform"). "exact": the crops together keep round(R sum N_j), shared in
+        proportion to N_j r_j with crop j capped at N_j (``core.allocate_exact``), so the number of visual
+        tokens is a function of the image size alone (``globalcom2.num_image_tokens``); which tokens a crop
+        keeps is chosen as before. With layout="authors" the crop budget, then the thumbnail's, shrinks
+        where needed so that an image never gets more tokens than stock LLaVA-NeXT gives it.
     """
 
     name = "globalcom2"
@@ -47,6 +54,7 @@ class GlobalCom2Config(MethodConfig):
     layout: str = "authors"
     allocation: str = "softmax_sum"
     importance: str = "global_local"
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +65,7 @@ class GlobalCom2Config(MethodConfig):
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
         check_choice("importance", self.importance, IMPORTANCES)
+        check_choice("budget", self.budget, BUDGETS)
 
     # -- the two stages ------------------------------------------------------------------------
 
@@ -88,12 +97,67 @@ class GlobalCom2Config(MethodConfig):
         a = self.alpha
         return [a * g + (1 - a) * loc for g, loc in zip(glob, local)]
 
+    # -- budgets -------------------------------------------------------------------------------
+
+    @property
+    def content_independent(self) -> bool:
+        """Whether the number of kept tokens depends on the image size only (not on its pixels)."""
+        return self.budget == "exact" or self.allocation == "uniform"
+
+    def exact_budget(self, ctx: ImageContext) -> tuple[int, int]:
+        """(thumbnail tokens, crop tokens in total) under ``budget="exact"``: int(N R) and round(R sum N_j).
+
+        With layout="authors" (a newline after every padded-grid row) the total is held to the stock
+        count of this geometry, N + H (W + 1) for the H x W unpadded box: the crops give up tokens
+        first, then the thumbnail.
+        """
+        n_tok = ctx.valid.sum(1)  # (n,) N_j
+        k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
+        crops = core.exact_total(n_tok, self.retention_ratio)
+        if self.layout_name == "authors":
+            grid_valid = core.crops_to_grid(ctx.valid, ctx.grid, ctx.side)  # (nph*S, npw*S)
+            h, w = int(grid_valid.any(1).sum()), int(grid_valid.any(0).sum())
+            empty = Selection(ctx.thumbnail.new_zeros(0, dtype=torch.long), torch.zeros_like(ctx.valid), n_tok)
+            newlines = int(self.order(empty, ctx).numel())
+            excess = k0 + crops + newlines - (ctx.thumbnail.numel() + h * (w + 1))
+            cut = min(max(excess, 0), crops)
+            crops, k0 = crops - cut, max(k0 - max(excess - cut, 0), 0)
+        return k0, crops
+
+    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count.
+
+        Reads only the geometry (``ctx.valid``, ``ctx.side``, ``ctx.grid``), never the scores.
+        Raises ValueError when the count depends on the image's content.
+        """
+        if not self.content_independent:
+            raise ValueError(
+                f"with budget='authors' and allocation={self.allocation!r}, method {self.name!r} keeps "
+                "int(N_j r_j) tokens of crop j, which depends on the image's content; pass budget='exact' "
+                "for a count that depends on the image size only"
+            )
+        n_tok = ctx.valid.sum(1).cpu()  # (n,)
+        if self.budget == "exact":
+            k0, total = self.exact_budget(ctx)
+            return k0, core.allocate_exact(n_tok.double(), n_tok, total)
+        return int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio)), core.count_kept(
+            n_tok, self.retention_ratio
+        )
+
+    def budgets(self, ctx: ImageContext, ratios: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) long crop tokens) for crop ratios ``ratios``, under this config's budget rule."""
+        n_tok = ctx.valid.sum(1).cpu()  # (n,) N_j
+        if self.budget == "exact":
+            k0, total = self.exact_budget(ctx)
+            return k0, core.allocate_exact(n_tok.double() * ratios.cpu(), n_tok, total)
+        return int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio)), core.count_kept(
+            n_tok, ratios.cpu()
+        )
+
     def select(self, ctx: ImageContext) -> Selection:
-        """Keep the top int(N R) thumbnail tokens and the top int(N_j r_j) tokens of each crop."""
-        thumb = ctx.thumbnail
-        k0 = int(core.count_kept(thumb.numel(), self.retention_ratio))
-        thumb_keep = core.top_indices(thumb, k0)
+        """Keep the top int(N R) thumbnail tokens and the top k_j tokens of each crop (k_j: see ``budgets``)."""
         ratios = self.crop_ratios(ctx)
-        k = core.count_kept(ctx.valid.sum(1).cpu(), ratios.cpu())
+        k0, k = self.budgets(ctx, ratios)
+        thumb_keep = core.top_indices(ctx.thumbnail, k0)
         crop_keep = core.keep_top_per_row(self.crop_importance(ctx), ctx.valid, k)
         return Selection(thumb_keep, crop_keep, ratios)
