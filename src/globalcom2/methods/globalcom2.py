@@ -140,9 +140,8 @@ class GlobalCom2Config(MethodConfig):
         if self.budget == "exact":
             k0, total = self.exact_budget(ctx)
             return k0, core.allocate_exact(n_tok.double(), n_tok, total)
-        return int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio)), core.count_kept(
-            n_tok, self.retention_ratio
-        )
+        k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
+        return k0, core.count_kept(n_tok, self.retention_ratio)
 
     def budgets(self, ctx: ImageContext, ratios: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) long crop tokens) for crop ratios ``ratios``, under this config's budget rule."""
@@ -150,9 +149,8 @@ class GlobalCom2Config(MethodConfig):
         if self.budget == "exact":
             k0, total = self.exact_budget(ctx)
             return k0, core.allocate_exact(n_tok.double() * ratios.cpu(), n_tok, total)
-        return int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio)), core.count_kept(
-            n_tok, ratios.cpu()
-        )
+        k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
+        return k0, core.count_kept(n_tok, ratios.cpu())
 
     def select(self, ctx: ImageContext) -> Selection:
         """Keep the top int(N R) thumbnail tokens and the top k_j tokens of each crop (k_j: see ``budgets``)."""
