@@ -185,9 +185,9 @@ class _ViewSubsetConfig(MethodConfig):
         """
         if not self.content_independent:
             raise ValueError(
-                f"method {self.name!r} drops the crop chosen by the image's content, so with budget='authors' "
-                "its token count depends on the content; pass budget='exact' for a count that depends on the "
-                "image size only"
+                f"method {self.name!r} drops a crop chosen by the thumbnail's attention, so with budget='authors' "
+                "its token count depends on the image's content; pass budget='exact' for a count that depends on "
+                "the image size only"
             )
         if self.mode == "drop_random_crop":
             return self.budgets(ctx, self.dropped_crop(ctx))

@@ -117,7 +117,8 @@ class GlobalCom2Config(MethodConfig):
         if self.layout_name == "authors":
             grid_valid = core.crops_to_grid(ctx.valid, ctx.grid, ctx.side)  # (nph*S, npw*S)
             h, w = int(grid_valid.any(1).sum()), int(grid_valid.any(0).sum())
-            empty = Selection(ctx.thumbnail.new_zeros(0, dtype=torch.long), torch.zeros_like(ctx.valid), n_tok)
+            no_ratios = torch.zeros(n_tok.numel(), dtype=torch.float64)
+            empty = Selection(ctx.thumbnail.new_zeros(0, dtype=torch.long), torch.zeros_like(ctx.valid), no_ratios)
             newlines = int(self.order(empty, ctx).numel())
             excess = k0 + crops + newlines - (ctx.thumbnail.numel() + h * (w + 1))
             cut = min(max(excess, 0), crops)
