@@ -373,3 +373,36 @@ def test_bad_arguments_are_named():
     assert globalcom2.num_image_tokens(cfg, torch.tensor([300, 220]), budget="exact") == globalcom2.num_image_tokens(
         cfg, [300, 220], budget="exact"
     )
+
+
+def test_readme_table_formulas_for_the_other_methods():
+    cfg = tiny_config()
+    geo = A.Geometry.from_config(cfg)
+    n_view = geo.side**2
+    for i, size in enumerate(_sizes(seed=9, n=60)):
+        if _columnless(geo, size):
+            continue
+        ratio = RATIOS[i % len(RATIOS)]
+        nph, npw = geo.grid(size)
+        n = nph * npw
+        top, bottom, left, right = core.unpadded_box((nph, npw), geo.side, size, 7)
+        h = bottom - top
+        n_tok = core.box_mask((top, bottom, left, right), (nph, npw), geo.side).sum(1)  # (n,) N_j
+        per_crop = core.count_kept(n_tok, ratio)
+        thumb = math.floor(n_view * ratio)
+        rounded = min(max(1, math.floor(n_view * ratio + 0.5)), n_view)  # round() of these products: no .5 ties
+        d = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(0)))
+        expected = {
+            ("fastervlm", False): (1 + n) * rounded,
+            ("fastervlm", True): thumb + int(per_crop.sum()) + h,
+            ("thumbnail_only", None): thumb,
+            ("crops_only", None): int(per_crop.sum()) + h,
+            ("drop_random_crop", None): thumb + int(per_crop.sum() - per_crop[d]) + h,
+            ("drop_important_crop", None): thumb + math.floor(ratio * int(n_tok.sum() - n_tok.max()) + 0.5) + h,
+        }
+        for (name, unpad), k in expected.items():
+            opts = {"budget": "exact"} if name == "drop_important_crop" else {}
+            if unpad is not None:
+                opts["unpad"] = unpad
+            got = globalcom2.num_image_tokens(cfg, size, method=name, retention_ratio=ratio, **opts)
+            assert got == k, (name, unpad, size, ratio)
