@@ -9,7 +9,7 @@ import torch
 import globalcom2
 from conftest import PROMPT, lm_inputs, make_inputs
 from globalcom2 import core
-from globalcom2.methods import REGISTRY, GlobalCom2Config
+from globalcom2.methods import REGISTRY, GlobalCom2Config, ImageContext
 from globalcom2.models import llava_next as A
 from globalcom2.tiny import demo_image, tiny_config
 
@@ -217,8 +217,6 @@ def test_exact_budget_changes_only_the_crop_counts_not_the_choice_inside_a_crop(
     assert torch.equal(a.selection.thumb_keep, e.selection.thumb_keep)
     assert torch.equal(a.selection.crop_ratios, e.selection.crop_ratios)
     k = e.selection.crop_keep.sum(1)
-    from globalcom2.methods.base import ImageContext
-
     ctx = ImageContext(scores=scores, side=geo.side, grid=e.grid, valid=e.valid)
     assert torch.equal(e.selection.crop_keep, core.keep_top_per_row(exact.crop_importance(ctx), e.valid, k))
     n_tok = e.valid.sum(1)
