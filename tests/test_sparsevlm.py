@@ -15,6 +15,7 @@ from globalcom2.methods.sparsevlm import (
     released_totals,
 )
 from globalcom2.tiny import demo_image, tiny_model
+from reference_sparsevlm import TABLES, prune_stage, raters
 
 # ---------------------------------------------------------------- hand-made tensors
 
@@ -29,8 +30,9 @@ def test_raters_are_text_after_the_image_above_mean_relevance():
     # two equally relevant tokens both rate; the one below the mean does not
     e[4] = torch.tensor([5.0, 0])
     assert rater_positions(e, mask, visual, pos).tolist() == [3, 4]
-    # no image: the last token stands in
-    assert rater_positions(e, mask, torch.zeros(7, dtype=torch.bool), pos).tolist() == [5]
+    # no image, or no text after it: no raters (the pruning step lets the row's last token rate)
+    assert rater_positions(e, mask, torch.zeros(7, dtype=torch.bool), pos).tolist() == []
+    assert rater_positions(e, mask, torch.tensor([False] * 5 + [True] * 2), pos).tolist() == []
 
 
 def test_cluster_means_finds_two_blobs():
@@ -40,45 +42,75 @@ def test_cluster_means_finds_two_blobs():
     x = torch.cat([a, b])[torch.randperm(11, generator=g)]
     means = cluster_means(x, 2)
     got = sorted(means.tolist())
-    assert torch.allclose(torch.tensor(got), torch.stack([b.mean(0), a.mean(0)]), atol=1e-6)
+    # v1.5 divides a cluster's sum by (members + 1e-6)
+    assert torch.allclose(torch.tensor(got), torch.stack([b.sum(0) / (5 + 1e-6), a.sum(0) / (6 + 1e-6)]), atol=1e-6)
 
 
 def test_cluster_means_is_deterministic_on_ties():
     x = torch.tensor([[1.0, 0], [1, 0], [1, 0], [-1, 0], [-1, 0]])  # equal densities within each blob
     means = cluster_means(x, 2)
     assert means.tolist() == cluster_means(x.clone(), 2).tolist()
-    assert sorted(means[:, 0].tolist()) == [-1.0, 1.0]
-    assert cluster_means(x[:1], 1).tolist() == [[1.0, 0.0]]  # one token, one cluster: itself
+    assert torch.allclose(means[:, 0].sort().values, torch.tensor([-1.0, 1.0]), atol=1e-5)
+    assert torch.allclose(cluster_means(x[:1], 1), x[:1], atol=1e-5)  # one token, one cluster: itself
 
 
-def test_schedule_hits_the_average_ratio_and_shrinks():
+def test_v15_schedule_keeps_the_tables_originals_and_recycles_on_top():
+    cfg = SparseVLMConfig(retention_ratio=192 / 576)
+    assert cfg.counting == "v15"
+    # v1.5 keeps 300/200/110 of 576 tokens and adds 9/4/3 cluster tokens on top: stages of 309/204/113
+    for label, keep in RELEASED.items():
+        plan = SparseVLMConfig(retention_ratio=label / 576).plan(576, 32)
+        assert [k for k, _ in plan] == list(keep)
+        assert SparseVLMConfig(retention_ratio=label / 576).stage_counts(576, 32) == released_totals(keep)
+        # their averages over 32 layers are the labels once the recycled tokens are counted (v1.5's own print)
+        assert cfg.layer_average(released_totals(keep), 576, 32) * 576 == pytest.approx(label, abs=1)
+    assert cfg.plan(576, 32) == ((300, 9), (200, 4), (110, 3))
+    # any other image size: the same shares of original tokens, clusters by v1.5's rule on top
+    assert cfg.plan(2880, 32) == ((1500, 42), (1000, 17), (550, 15))
+    assert recycled(2880 - 1500) == 42 and recycled(1542 - 1000) == 17
+    # without recycling the kept counts stay, nothing is added
+    assert SparseVLMConfig(retention_ratio=192 / 576, recycle=False).plan(576, 32) == ((300, 0), (200, 0), (110, 0))
+
+
+def test_v15_schedule_interpolates_and_always_deletes_one():
+    for n_visual in (1, 2, 5, 576, 2880):
+        for ratio in (1e-6, 0.01, 0.1, 64 / 576, 0.2, 0.25, 1 / 3, 0.5, 0.75, 0.999):
+            cfg = SparseVLMConfig(retention_ratio=ratio)
+            current = n_visual
+            for kept, clusters in cfg.plan(n_visual, 32):
+                if current <= 1:
+                    assert (kept, clusters) == (current, 0)  # nothing left to rank
+                else:  # v1.5: topk(min(K, v - 1)): at least one token goes, clusters come on top
+                    assert 1 <= kept <= current - 1 and clusters == recycled(current - kept)
+                current = kept + clusters
+    # halfway between the 192 anchor (R = 1/3) and keep-all (R = 1), the kept shares are halfway too
+    mid = SparseVLMConfig(retention_ratio=2 / 3).kept_fractions()
+    assert mid == pytest.approx(((300 / 576 + 1) / 2, (200 / 576 + 1) / 2, (110 / 576 + 1) / 2))
+    # the layer average stays close to R between the released labels (32 layers, default layers)
+    for ratio in (0.15, 0.25, 0.4, 0.6, 0.9):
+        cfg = SparseVLMConfig(retention_ratio=ratio)
+        for n_visual in (576, 2880):
+            assert cfg.layer_average(cfg.stage_counts(n_visual, 32), n_visual, 32) == pytest.approx(ratio, abs=0.01)
+    # R = 1 leaves every row alone (v1.5 would still swap one token for a one-member cluster)
+    assert SparseVLMConfig(retention_ratio=1.0).plan(2880, 32) == ((2880, 0),) * 3
+
+
+def test_inclusive_schedule_hits_the_average_ratio_and_shrinks():
     for n_visual, num_layers, layers in [(2880, 32, (2, 6, 15)), (576, 32, (2, 6, 15)), (2144, 40, (3, 8, 20))]:
         for ratio in (1.0, 0.75, 0.5, 1 / 3, 0.25, 0.2, 0.1):
-            cfg = SparseVLMConfig(retention_ratio=ratio, layers=layers)
-            counts = cfg.stage_counts(n_visual, num_layers)
-            assert n_visual >= counts[0] >= counts[1] >= counts[2] >= 1
+            cfg = SparseVLMConfig(retention_ratio=ratio, layers=layers, counting="inclusive")
+            sizes = cfg.stage_sizes(n_visual, num_layers)
+            assert cfg.stage_counts(n_visual, num_layers) == sizes  # the recycled tokens are counted inside
+            assert n_visual >= sizes[0] >= sizes[1] >= sizes[2] >= 1
             w = cfg.layer_weights(num_layers)
             assert sum(w) == num_layers
-            avg = (w[0] * n_visual + sum(a * b for a, b in zip(w[1:], counts))) / num_layers / n_visual
-            assert avg == pytest.approx(cfg.layer_average(counts, n_visual, num_layers))
-            # as close as integers allow: the last stage is off by at most half a token
-            assert abs(avg - ratio) <= w[-1] / (2 * num_layers * n_visual) + 1e-12, (n_visual, ratio, counts)
-    assert SparseVLMConfig(retention_ratio=1.0).stage_counts(2880, 32) == (2880, 2880, 2880)
-
-
-def test_released_192_schedule_is_reproduced():
-    # v1.5 keeps 300/200/110 of 576 tokens and recycles 9/4/3 cluster tokens: stages of 309/204/113
-    assert released_totals(RELEASED[192]) == (309, 204, 113)
-    cfg = SparseVLMConfig(retention_ratio=192 / 576)
-    counts = cfg.stage_counts(576, 32)
-    assert counts == (309, 204, 113)
-    splits = [cfg.split(cur, c) for cur, c in zip((576, *counts), counts)]
-    assert splits == [(300, 9), (200, 4), (110, 3)]
-    # their averages over 32 layers are the labels once the recycled tokens are counted
-    for label, keep in RELEASED.items():
-        assert cfg.layer_average(released_totals(keep), 576, 32) * 576 == pytest.approx(label, abs=1)
-    # without recycling, the same stage sizes are all kept tokens
-    assert SparseVLMConfig(retention_ratio=192 / 576, recycle=False).split(576, 309) == (309, 0)
+            avg = cfg.layer_average(sizes, n_visual, num_layers)
+            assert abs(avg - ratio) <= sum(w[1:]) / (2 * num_layers * n_visual) + 1e-12, (n_visual, ratio, sizes)
+    assert SparseVLMConfig(retention_ratio=1.0, counting="inclusive").stage_counts(2880, 32) == (2880,) * 3
+    # at the 192 table's own layer average the stage sizes are the table: 291 kept + 9 clusters = 300, ...
+    cfg = SparseVLMConfig(retention_ratio=(2 * 576 + 4 * 300 + 9 * 200 + 17 * 110) / (32 * 576), counting="inclusive")
+    assert cfg.stage_counts(576, 32) == (300, 200, 110)
+    assert cfg.plan(576, 32) == ((291, 9), (196, 4), (107, 3))
 
 
 def test_split_adds_up():
@@ -93,9 +125,8 @@ def test_split_adds_up():
                 assert clusters == 0 and (target == current or target < recycled(current))
 
 
-def test_prune_keeps_top_rated_tokens_and_appends_a_cluster():
-    # 2 text, 6 visual, 3 text tokens; the prompt's text token 8 is the only rater
-    L, D = 11, 4
+def _hand_made_ctx(L=11, D=4):
+    """2 text, 6 visual, 3 text tokens; the prompt's text token 8 is the only rater."""
     visual = torch.zeros(1, L, dtype=torch.bool)
     visual[0, 2:8] = True
     embeds = torch.zeros(1, L, D)
@@ -111,22 +142,81 @@ def test_prune_keeps_top_rated_tokens_and_appends_a_cluster():
 
     pos = torch.arange(L)[None]
     mask = torch.ones(1, L, dtype=torch.bool)
-    cfg = SparseVLMConfig(retention_ratio=0.4, layers=(1, 3, 5))
-    assert cfg.stage_counts(6, 8)[0] == 3 and cfg.split(6, 3) == (2, 1)
-    ctx = PruneContext(
+    return PruneContext(
         layer_idx=2, stage=0, hidden=hidden, key_mask=mask, positions=pos, visual=visual, probs=probs,
         n_visual_full=torch.tensor([6]), prompt=(embeds, mask, visual, pos), num_layers=8,
     )  # fmt: skip
+
+
+def test_prune_keeps_top_rated_tokens_and_appends_a_cluster():
+    ctx, hidden = _hand_made_ctx(), _hand_made_ctx().hidden
+    # v15: R = 0.4 keeps floor(6 * 0.569 + 1/2) = 3 originals (3, 5, 2) and recycles the best of the
+    # other three (4) as a one-member cluster after them, at the image's last position (7)
+    cfg = SparseVLMConfig(retention_ratio=0.4, layers=(1, 3, 5))
+    assert cfg.step(6, 0, 6, 8) == (3, 1)
     out = cfg.prune(ctx)
-    # kept: the top-2 visual tokens (3, 5) in order; deleted 2, 4, 7, 6 by score; the top int(4 * 0.3) + 1 = 2
-    # of them (2, 4) form one cluster, placed after the kept visual tokens at the image's last position (7)
+    assert out.positions[0].tolist() == [0, 1, 2, 3, 5, 7, 8, 9, 10]
+    assert out.visual[0].tolist() == [False, False, True, True, True, True, False, False, False]
+    assert torch.equal(out.hidden[0][[0, 1, 2, 3, 4, 6, 7, 8]], hidden[0, [0, 1, 2, 3, 5, 8, 9, 10]])
+    assert torch.allclose(out.hidden[0][5], hidden[0, 4] / (1 + 1e-6))
+    # inclusive: a stage of 3 = 2 kept (3, 5) + one cluster of the top int(4 * 0.3) + 1 = 2 deleted (2, 4)
+    cfg = SparseVLMConfig(retention_ratio=0.4, layers=(1, 3, 5), counting="inclusive")
+    assert cfg.stage_sizes(6, 8)[0] == 3 and cfg.step(6, 0, 6, 8) == (2, 1)
+    out = cfg.prune(ctx)
     assert out.positions[0].tolist() == [0, 1, 3, 5, 7, 8, 9, 10]
     assert out.visual[0].tolist() == [False, False, True, True, True, False, False, False]
     assert torch.equal(out.hidden[0][[0, 1, 2, 3, 5, 6, 7]], hidden[0, [0, 1, 3, 5, 8, 9, 10]])
-    assert torch.allclose(out.hidden[0][4], hidden[0, [2, 4]].mean(0))
-    # recycle=False keeps the top 3 instead
+    assert torch.allclose(out.hidden[0][4], hidden[0, [2, 4]].sum(0) / (2 + 1e-6))
+    # recycle=False keeps the top 3 and adds nothing
     out = SparseVLMConfig(retention_ratio=0.4, layers=(1, 3, 5), recycle=False).prune(ctx)
     assert out.positions[0].tolist() == [0, 1, 2, 3, 5, 8, 9, 10]
+
+
+# ---------------------------------------------------------------- oracle: the released v1.5 code
+
+
+@pytest.mark.parametrize("label", [192, 128, 64])
+def test_matches_released_v15_at_its_576_token_schedules(label):
+    """Three pruning layers on hand-made hidden states and attention, library vs a literal v1.5 oracle."""
+    g = torch.Generator().manual_seed(label)
+    v_start, n_img, n_text, D, H = 35, 576, 40, 16, 2
+    L = v_start + n_img + n_text
+    embeds = torch.randn(1, L, D, generator=g)
+    visual = torch.zeros(1, L, dtype=torch.bool)
+    visual[0, v_start : v_start + n_img] = True
+    pos0 = torch.arange(L)[None]
+    rater_idx = raters(embeds, v_start, n_img)
+    assert 0 < rater_idx.numel() < n_text
+    cfg = SparseVLMConfig(retention_ratio=label / 576)  # counting="v15", layers 2/6/15 on a 32-layer LLM
+    seq, v_num = embeds, n_img  # the oracle's sequence
+    hidden, positions, vis = embeds[0], pos0[0], visual[0]  # the library's
+    for stage, keep in enumerate(TABLES[label]):
+        length = seq.shape[1]
+        assert hidden.shape[0] == length and int(vis.sum()) == v_num
+        layer_out = seq + 0.5 * torch.randn(seq.shape, generator=g)  # the pruning layer's output, (1, L_s, D)
+        logits = torch.randn(1, H, length, length, generator=g) * 3
+        attn = logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+
+        seq, v_new, kept_idx, merged = prune_stage(attn, layer_out, v_start, v_num, rater_idx, keep)
+        ctx = PruneContext(
+            layer_idx=(2, 6, 15)[stage] + 1, stage=stage, hidden=layer_out, key_mask=torch.ones(1, length, dtype=bool),
+            positions=positions[None], visual=vis[None], probs=lambda q, a=attn: a[:, :, q[0], :],
+            n_visual_full=torch.tensor([n_img]), prompt=(embeds, torch.ones(1, L, dtype=bool), visual, pos0),
+            num_layers=32,
+        )  # fmt: skip
+        out = cfg.prune(ctx)
+        hidden, positions, vis = out.hidden[0], out.positions[0], out.visual[0]
+        # same counts: the table's originals, clusters on top
+        assert int(vis.sum()) == v_new == keep + recycled(v_num - keep)
+        n_kept = keep
+        # same kept tokens, in the same order, and the same text
+        assert torch.equal(hidden[: v_start + n_kept], seq[0, : v_start + n_kept])
+        assert torch.equal(hidden[v_start + v_new :], seq[0, v_start + v_new :])
+        assert torch.equal(hidden[v_start : v_start + n_kept], layer_out[0, v_start + kept_idx])
+        # same recycled tokens (density ties, systematic with two clusters, broken the library's way: see the oracle)
+        assert torch.allclose(hidden[v_start + n_kept : v_start + v_new], merged, atol=1e-5)
+        v_num = v_new
+    assert v_num == released_totals(TABLES[label])[-1]
 
 
 def test_bad_options_and_depth(model):
