@@ -317,3 +317,66 @@ def test_bf16_and_remove(processor, images):
         model.generate(**inputs, max_new_tokens=2)
         globalcom2.remove(model)
         assert torch.equal(model(**inputs).logits, ref)
+
+
+# ---------------------------------------------------------------- odd input (issue 13): never crash, batch == alone
+
+NO_TEXT_AFTER = "USER: describe this : <image>"
+
+
+def _generate(model, inputs, **kw):
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, **kw)
+    assert logits.isfinite().all()
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def _check_batch_equals_alone(model, processor, cases):
+    """cases: (images of the row, prompt); a batch of all rows gives each row's greedy tokens alone."""
+    imgs = [im for row_imgs, _ in cases for im in row_imgs]
+    batch = processor(images=imgs or None, text=[p for _, p in cases], return_tensors="pt", padding=True)
+    together = _generate(model, batch)
+    for i, (row_imgs, prompt) in enumerate(cases):
+        alone = _generate(model, processor(images=row_imgs or None, text=[prompt], return_tensors="pt"))
+        assert torch.equal(alone[0], together[i]), (i, prompt)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_no_text_after_the_image_lets_the_last_token_rate(processor, images, ratio):
+    model, stock = tiny_model(text_layers=8), tiny_model(text_layers=8)
+    globalcom2.apply(model, method="sparsevlm", retention_ratio=ratio, layers=(1, 3, 5))
+    inputs = processor(images=images[:1], text=[NO_TEXT_AFTER], return_tensors="pt")
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_img
+    seen, hooks = _layer_lengths(model)
+    got = _generate(model, inputs)
+    for h in hooks:
+        h.remove()
+    c = SparseVLMConfig(retention_ratio=ratio, layers=(1, 3, 5)).stage_counts(n_img, 8)
+    assert [n for _, n in seen[:8]] == [n_img + n_text] * 2 + [x + n_text for x in c for _ in range(2)]
+    if ratio == 1.0:  # nothing pruned: the stock model's tokens
+        assert torch.equal(got, _generate(stock, inputs))
+    else:  # a real ranking, not an all-zero one: the last token's attention picks the kept tokens
+        assert c[0] < n_img
+    _check_batch_equals_alone(model, processor, [(images[:1], NO_TEXT_AFTER), (images[1:2], PROMPT)])
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 0.3])
+def test_rows_with_few_or_no_visual_tokens(processor, images, ratio):
+    from PIL import Image
+
+    model = tiny_model(text_layers=8)
+    globalcom2.apply(model, method="sparsevlm", retention_ratio=ratio, layers=(1, 3, 5))
+    thin, dot = Image.new("RGB", (1000, 3), (200, 30, 30)), Image.new("RGB", (1, 1), (0, 200, 0))
+    cases = [
+        ([], "USER: hello there ASSISTANT:"),  # a text-only row in an image batch
+        ([thin], PROMPT),
+        ([dot], PROMPT),
+        ([images[0], images[2]], "USER: <image> and <image>\nwhich is larger ? ASSISTANT:"),  # two images
+        ([images[1]], NO_TEXT_AFTER),
+    ]
+    _check_batch_equals_alone(model, processor, cases)
+    # beams expand each row; the odd rows still decode
+    batch = processor(images=[thin, images[1]], text=[PROMPT, NO_TEXT_AFTER], return_tensors="pt", padding=True)
+    assert _generate(model, batch, num_beams=2).shape == (2, 3)
