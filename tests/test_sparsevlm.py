@@ -230,10 +230,15 @@ def test_bad_options_and_depth(model):
         SparseVLMConfig(retention_ratio=0.0)
     with pytest.raises(ValueError, match=r"layers must all be < 2 for a language model with 3 layers"):
         globalcom2.apply(model, method="sparsevlm")
+    with pytest.raises(ValueError, match=r"counting must be one of \('v15', 'inclusive'\), got 'v1.0'"):
+        SparseVLMConfig(counting="v1.0")
     deep = tiny_model(text_layers=8)
     with pytest.raises(ValueError, match=r"retention_ratio 0.1 is below .* at least 2/8 = 0.2500"):
-        globalcom2.apply(deep, method="sparsevlm", retention_ratio=0.1, layers=(2, 3, 5))
+        globalcom2.apply(deep, method="sparsevlm", retention_ratio=0.1, layers=(2, 3, 5), counting="inclusive")
     assert not globalcom2.is_patched(model) and not globalcom2.is_patched(deep)
+    # v15's R is the released label's share, not a layer average: any R in (0, 1] runs
+    globalcom2.apply(deep, method="sparsevlm", retention_ratio=0.1, layers=(2, 3, 5))
+    assert globalcom2.is_patched(deep)
 
 
 # ---------------------------------------------------------------- end to end
@@ -251,7 +256,7 @@ def _layer_lengths(model):
 
 def test_visual_tokens_per_layer_follow_the_schedule(processor, images):
     model = tiny_model(text_layers=8)
-    cfg = SparseVLMConfig(retention_ratio=0.25, layers=(1, 3, 5))
+    cfg = SparseVLMConfig(retention_ratio=0.25, layers=(1, 3, 5), counting="inclusive")
     globalcom2.apply(model, cfg)
     # one image: layers 0-1 see everything (layer 1's output is pruned), 2-3 stage 1, 4-5 stage 2, 6-7 stage 3
     inputs = make_inputs(processor, [demo_image(300, 220)])
@@ -264,8 +269,11 @@ def test_visual_tokens_per_layer_follow_the_schedule(processor, images):
     assert [n for _, n in seen] == [n_img + n_text] * 2 + [c[0] + n_text] * 2 + [c[1] + n_text] * 2 + [
         c[2] + n_text
     ] * 2
-    assert cfg.layer_average(c, n_img, 8) == pytest.approx(0.25, abs=3 / (2 * 8 * n_img))
-    # a batch of mixed sizes: every row follows its own schedule (the longest row sets the padded length)
+    assert cfg.layer_average(c, n_img, 8) == pytest.approx(0.25, abs=7 / (2 * 8 * n_img))  # weights 1, 2, 2, 3
+    # a batch of mixed sizes, default counting: every row follows its own schedule (the longest row sets the length)
+    globalcom2.remove(model)
+    cfg = SparseVLMConfig(retention_ratio=0.25, layers=(1, 3, 5))
+    globalcom2.apply(model, cfg)
     prompts = [PROMPT, "USER: <image>\nhow many dogs are there ? ASSISTANT:", PROMPT]
     batch = make_inputs(processor, images, prompts)
     seen.clear()
