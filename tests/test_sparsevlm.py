@@ -1,5 +1,7 @@
 """SparseVLM: raters, clustering, schedule and one pruning step on hand-made tensors; end to end on tiny models."""
 
+import random
+
 import pytest
 import torch
 
@@ -388,3 +390,23 @@ def test_rows_with_few_or_no_visual_tokens(processor, images, ratio):
     # beams expand each row; the odd rows still decode
     batch = processor(images=[thin, images[1]], text=[PROMPT, NO_TEXT_AFTER], return_tensors="pt", padding=True)
     assert _generate(model, batch, num_beams=2).shape == (2, 3)
+
+
+def test_plan_never_grows_and_never_exceeds_stock():
+    """Random draws (seeded) of token counts, ratios, depths and options: the schedule's invariants hold."""
+    rng = random.Random(0)
+    for _ in range(400):
+        n_visual, num_layers = rng.choice([0, 1, 2, 3, rng.randint(4, 6000)]), rng.randint(4, 48)
+        ratio = rng.choice([1e-6, 1.0, 10 ** rng.uniform(-6, 0)])
+        counting, recycle = rng.choice(["v15", "inclusive"]), rng.random() < 0.7
+        layers = (1, 2, 3) if num_layers < 16 else (2, 6, 15)
+        cfg = SparseVLMConfig(retention_ratio=ratio, counting=counting, recycle=recycle, layers=layers)
+        current = n_visual
+        for kept, clusters in cfg.plan(n_visual, num_layers):
+            assert 0 <= kept <= current and clusters >= 0
+            assert kept + clusters <= current  # a stage never adds visual tokens: never more than stock
+            assert recycle or clusters == 0
+            assert kept + clusters >= 1 or n_visual == 0  # a row with visual tokens keeps at least one
+            current = kept + clusters
+        if ratio == 1.0:
+            assert cfg.stage_counts(n_visual, num_layers) == (n_visual,) * 3
