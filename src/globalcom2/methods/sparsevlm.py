@@ -38,7 +38,8 @@ the recycled tokens and the full layers before ``l0`` dominate (0.071 at R = 0.0
 ``counting="inclusive"`` (the rule of globalcom2 0.1.0) instead makes R the exact layer average:
 the stage *sizes* (kept + clusters) are the table's counts, interpolated so that
 ``(l0 V + (l1 - l0) c1 + (l2 - l1) c2 + (n - l2) c3) / (n V) = R`` up to rounding, and each size
-is split into kept tokens and the clusters recycling makes (recycled tokens counted inside). R
+is split into kept tokens and the clusters recycling makes (recycled tokens counted inside; a
+size below the cluster count keeps that many top tokens, where 0.1.0 kept only clusters). R
 below ``l0 / n`` is unreachable then and refused.
 
 Departures, each for a reason (details and numbers in ``docs/fidelity.md``):
