@@ -1,7 +1,8 @@
 """SparseVLM: text-guided progressive pruning inside the language model, with token recycling.
 
 Follows SparseVLM's released v1.5 code (github Gumpest/SparseVLMs, tag ``v1.5``: ``score.py``,
-``modelling_sparse_llama.py``, ``utils.py``), the version the GlobalCom² paper compared against;
+``modelling_sparse_llama.py``, ``utils.py``), the release with ratio-like token schedules (the
+GlobalCom² paper cites SparseVLM's 2024 preprint and does not name a code version);
 ``docs/fidelity.md`` lists every difference from the released code, with numbers.
 
 * **Raters.** Once per prompt, from the LLM's input embeddings: with V the visual tokens and T the
