@@ -8,6 +8,16 @@ raster order, the thumbnail's first and the crops' read row by row across the wh
 Their LLaVA-NeXT path forces the ``spatial`` merge, so crops are *not* unpadded and no newline
 tokens are added; ``unpad=True`` instead applies R to each crop's unpadded tokens and keeps
 stock LLaVA-NeXT's newlines, as the GlobalCom² paper describes its FasterVLM runs.
+
+The selection is identical to the released code's; the crop grid is not always. FasterVLM's own
+``select_best_resolution`` (``llava/mm_utils.py``) picks the pinpoint whose canvas the resized
+image fills the most, the stock processor the one with the largest effective resolution, then the
+least waste. With LLaVA-NeXT-7B's pinpoints a 640x427 or 1920x1080 px image gets a 2x2 crop grid
+from the stock processor and 1x2 (one row of two crops) from FasterVLM; 300x220 px gets 1x2 vs
+2x2 (484 of 1521 sizes on a 50-px lattice from 100 to 2000 px differ). The library reads the grid
+from the stock processor's pixel values, so it follows the stock grid: unavoidable on a stock
+processor, and the kept count ``(1 + n) round(N R)`` follows its number of crops n. See
+``docs/fidelity.md``.
 """
 
 from __future__ import annotations

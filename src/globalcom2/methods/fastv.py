@@ -8,6 +8,18 @@ their repository (their HF port and lmms-eval script), pruning happens once at p
 ``>= K`` cache only the kept tokens and decoding steps attend to those. The vision side and the
 visual tokens entering the LLM are stock LLaVA-NeXT's (thumbnail, unpadded crops, newlines);
 all of them form the candidate "image tokens", as when FastV is run on an AnyRes sequence.
+
+Differences from the released code (details in ``docs/fidelity.md``):
+
+* The paper's runs used ``generate(..., use_cache=False)``: every decoding step re-runs the whole
+  sequence and re-selects the image tokens by the newest token's attention. Like the KV-cache
+  versions, the library selects once at prefill (same first token; later tokens may differ).
+* The count is ``int(n_image R)`` (floor, float64), as in FastV's lmms-eval script
+  (``int(576 * ratio)``) and as every other method here counts a budget, so the budget is never
+  exceeded. The llava-hf port takes the pruned share r and keeps ``round(n (1 - r))``: one token
+  more when the fractional part of ``n R`` is above one half (n = 2883, R = 0.25: 720 here, 721
+  there) and half-to-even at exactly one half (n = 579, R = 0.5: 289 vs 290). Whenever ``n R`` is
+  an integer (2880 tokens at R = 0.25, 0.5, 0.75) they agree.
 """
 
 from __future__ import annotations
