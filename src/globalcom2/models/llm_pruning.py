@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from ..methods.base import PruneContext, Stage
 
@@ -42,6 +43,34 @@ def check_language_model(lm: nn.Module) -> None:
         raise TypeError(
             "in-LLM methods (fastv, sparsevlm) need a Llama-style language model (layers with input_layernorm, "
             f"self_attn.q_proj/k_proj and rotary embeddings); got {type(lm).__name__}"
+        )
+
+
+#: cache kinds whose layers may hold different lengths (pruned layers cache fewer prompt tokens)
+CACHE_IMPLEMENTATIONS = (None, "dynamic")
+
+
+def check_call_options(model: nn.Module, kwargs: dict) -> None:
+    """Raise ValueError, before any work, for ``forward``/``generate`` options in-LLM pruning cannot honour.
+
+    Layers after a pruning layer cache fewer prompt tokens than the layers before it, which only a
+    dynamic KV cache allows; a static (pre-allocated, one length for all layers) cache does not.
+    """
+    gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if "cache_implementation" in kwargs:
+        impl = kwargs["cache_implementation"]
+    else:
+        impl = getattr(gen_cfg, "cache_implementation", None)
+    if impl not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation must be one of ({', '.join(map(repr, CACHE_IMPLEMENTATIONS))}) with in-LLM "
+            f"methods (fastv, sparsevlm): their pruned layers cache fewer tokens than the others; got {impl!r}"
+        )
+    cache = kwargs.get("past_key_values")
+    if cache is not None and type(cache) is not DynamicCache:
+        raise ValueError(
+            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm): their "
+            f"pruned layers cache fewer tokens than the others; got {type(cache).__name__}"
         )
 
 
