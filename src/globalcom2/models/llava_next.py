@@ -320,7 +320,10 @@ def stock_features(model: nn.Module, pixel_values: torch.Tensor, image_sizes, **
     _, sizes, _, layer = check_vision_inputs(model, pixel_values, image_sizes, overrides)
     sizes_t = torch.tensor(sizes, device=pixel_values.device)
     overrides = {**overrides, "vision_feature_layer": layer, "vision_feature_select_strategy": "default"}
-    out = model.model.get_image_features(pixel_values, sizes_t, return_dict=True, **overrides)
+    # output_hidden_states explicitly: transformers derives it from the layer index, so layer 0 got none
+    out = model.model.get_image_features(
+        pixel_values, sizes_t, return_dict=True, output_hidden_states=True, **overrides
+    )
     return list(out.pooler_output), sizes
 
 
