@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -118,7 +118,7 @@ def _run(model, inputs, **kwargs):
     return _last_logits(out, mask), mask, out
 
 
-@PROPS
+@settings(PROPS, max_examples=10)
 @given(
     method=st.sampled_from(METHODS),
     ratio=ratios,
@@ -128,6 +128,19 @@ def _run(model, inputs, **kwargs):
     layer=st.sampled_from([None, None, -1, 1, 2, 0, 3, -4]),
     spatial=st.booleans(),
 )
+# the cases issue 13 reported, always tried first
+@example("sparsevlm", 1.0, [([(300, 200)], "USER: describe this : {}")], "left", "sdpa", None, False)
+@example(
+    "thumbnail_only",
+    0.001,
+    [([(300, 200)], "{}"), ([(1000, 3), (1, 1)], "USER: {} what is this ? ASSISTANT:")],
+    "right",
+    "eager",
+    None,
+    False,
+)
+@example("fastervlm", 0.25, [([(300, 200)], "USER: {} what is this ? ASSISTANT:"), ([], "")], "left", "sdpa", 2, False)
+@example("globalcom2", 1.0, [([(900, 8)], "USER: {} what is this ? ASSISTANT:")], "left", "sdpa", None, True)
 def test_forward_on_odd_input(method, ratio, row_list, side, attn, layer, spatial):
     model, processor = _model(attn), _processor(side)
     inputs, texts, per_row = _batch(processor, row_list)
@@ -161,7 +174,9 @@ def test_forward_on_odd_input(method, ratio, row_list, side, attn, layer, spatia
     assert torch.equal(again[0], stock[0])  # remove() is bit-exact
 
 
-@PROPS
+@settings(PROPS, max_examples=8)
+@example("thumbnail_only", 0.5, [([(3, 1000), (1, 1)], "USER: {} what is this ? ASSISTANT:")], "greedy")
+@example("sparsevlm", 0.05, [([(1, 4000)], "USER: describe this : {}"), ([], "")], "beams")
 @given(
     method=st.sampled_from(METHODS),
     ratio=ratios,
