@@ -148,11 +148,9 @@ class _PatchedMixin:
         """Stock ``save_pretrained`` as the original class: the checkpoint names the stock architecture
         (stock ``from_pretrained`` loads it; the patch is not saved) and ``self.config`` is left unchanged."""
         patched, original = type(self), getattr(self, _ORIGINAL)
-        configs = [
-            self.config,
-            *(getattr(self.config, k) for k in self.config.sub_configs if getattr(self.config, k, None) is not None),
-        ]
-        saved = [dict(vars(c)) for c in configs]
+        subs = (getattr(self.config, k, None) for k in getattr(self.config, "sub_configs", {}))
+        configs = [self.config, *(c for c in subs if c is not None)]
+        saved = [dict(vars(c)) for c in configs]  # stock saving writes architectures/dtype into them
         self.__class__ = original
         try:
             return original.save_pretrained(self, *args, **kwargs)
