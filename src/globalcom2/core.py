@@ -314,6 +314,7 @@ def assemble_order(
     grid: tuple[int, int],
     side: int,
     layout: str = "authors",
+    box: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Order of the visual tokens handed to the language model, as indices into
     ``concat(views.flatten(0, 1), newline)``: view v token p is ``v * N + p``, the newline is
@@ -328,7 +329,9 @@ def assemble_order(
           read in raster order of the whole padded grid and every one of its ``nph * S``
           rows ends with a newline.
       "spatial" -- kept tokens at their true positions in raster order, one newline per
-          unpadded row, as stock LLaVA-NeXT lays out its (uncompressed) features.
+          unpadded row, as stock LLaVA-NeXT lays out its (uncompressed) features. The rows are
+          those of ``box`` (``unpadded_box``) when given: stock still ends every row of an image
+          so thin that no column survives unpadding with a newline.
       "flat" -- kept tokens at their true positions in raster order of the whole grid, no
           newlines (FasterVLM's LLaVA-NeXT path).
     returns: (T,) long.
@@ -348,7 +351,11 @@ def assemble_order(
         row_has_newline = torch.ones(grid[0] * side, dtype=torch.bool, device=dev)
     elif layout == "spatial":
         mask = crop_keep
-        row_has_newline = crops_to_grid(valid, grid, side).any(dim=1)
+        if box is None:
+            row_has_newline = crops_to_grid(valid, grid, side).any(dim=1)  # (nph*S,)
+        else:
+            rows = torch.arange(grid[0] * side, device=dev)
+            row_has_newline = (rows >= box[0]) & (rows < box[1])  # (nph*S,)
     elif layout == "flat":
         mask = crop_keep
         row_has_newline = torch.zeros(grid[0] * side, dtype=torch.bool, device=dev)

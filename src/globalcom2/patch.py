@@ -121,8 +121,10 @@ def _wrap_forward(original: type):
                 "uncompressed sequence; leave them out and they are derived from the shortened attention mask"
             )
         labels = kwargs.pop("labels", None)
-        if getattr(self, _STATE).where == "llm" and labels is not None:
-            raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
+        if getattr(self, _STATE).where == "llm":
+            if labels is not None:
+                raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
+            llm_pruning.check_call_options(self, kwargs)
         vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
         side = _padding_side(attention_mask)
         packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, labels, side, vision_kwargs)
@@ -142,18 +144,41 @@ def _wrap_forward(original: type):
 class _PatchedMixin:
     """Methods of the generated subclass. ``forward`` is attached per original class."""
 
+    def save_pretrained(self, *args, **kwargs):
+        """Stock ``save_pretrained`` as the original class: the checkpoint names the stock architecture
+        (stock ``from_pretrained`` loads it; the patch is not saved) and ``self.config`` is left unchanged."""
+        patched, original = type(self), getattr(self, _ORIGINAL)
+        subs = (getattr(self.config, k, None) for k in getattr(self.config, "sub_configs", {}))
+        configs = [self.config, *(c for c in subs if c is not None)]
+        saved = [dict(vars(c)) for c in configs]  # stock saving writes architectures/dtype into them
+        self.__class__ = original
+        try:
+            return original.save_pretrained(self, *args, **kwargs)
+        finally:
+            self.__class__ = patched
+            for c, attrs in zip(configs, saved):
+                vars(c).clear()
+                vars(c).update(attrs)
+
     def generate(self, inputs=None, *args, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
         """Stock ``generate`` on the compressed prompt; returns prompt ids + new tokens like stock."""
         input_ids = kwargs.pop("input_ids", inputs)
         stock = super().generate
         if pixel_values is None or pixel_values.numel() == 0:
             return stock(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError(
+                "input_ids are required with pixel_values while compression is on (they mark where each "
+                "image goes); pass the processor's output unchanged"
+            )
+        if getattr(self, _STATE).where == "llm":
+            llm_pruning.check_call_options(self, kwargs)
+        _translate_lengths(self, kwargs, input_ids.shape[1])
         vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
         with torch.no_grad():  # like stock generate: no autograd graph for the prompt
             packed, _ = _prepare(
                 self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs
             )
-        _translate_lengths(self, kwargs, input_ids.shape[1])
         with _in_llm(self, packed):
             out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -166,14 +191,25 @@ class _PatchedMixin:
 
 
 def _translate_lengths(model, kwargs: dict, prompt_len: int) -> None:
-    """Turn ``max_length``/``min_length`` (counted on the uncompressed prompt) into new-token counts."""
+    """Turn ``max_length``/``min_length`` (counted on the uncompressed prompt) into new-token counts.
+
+    Like stock ``generate``, a ``max_length`` that leaves no room after the prompt is a ValueError.
+    """
     gen_cfg = kwargs.get("generation_config")
-    if "max_length" in kwargs and kwargs.get("max_new_tokens") is None:
-        kwargs["max_new_tokens"] = max(int(kwargs.pop("max_length")) - prompt_len, 0)
-    elif gen_cfg is not None and kwargs.get("max_new_tokens") is None and gen_cfg.max_new_tokens is None:
-        if gen_cfg.max_length is not None:
-            kwargs["max_new_tokens"] = max(int(gen_cfg.max_length) - prompt_len, 0)
+    max_length, source = None, "max_length"
+    if kwargs.get("max_new_tokens") is None:
+        if kwargs.get("max_length") is not None:
+            max_length = int(kwargs["max_length"])
+        elif gen_cfg is not None and gen_cfg.max_new_tokens is None and gen_cfg.max_length is not None:
+            max_length, source = int(gen_cfg.max_length), "generation_config.max_length"
+    if max_length is not None:
+        if max_length <= prompt_len:
+            raise ValueError(
+                f"{source} ({max_length}) must be greater than the prompt length ({prompt_len} tokens of "
+                "input_ids, counted before compression); raise it or pass max_new_tokens instead"
+            )
+        kwargs["max_new_tokens"] = max_length - prompt_len
     kwargs.pop("max_length", None)
-    if "min_length" in kwargs and kwargs.get("min_new_tokens") is None:
+    if kwargs.get("min_length") is not None and kwargs.get("min_new_tokens") is None:
         kwargs["min_new_tokens"] = max(int(kwargs.pop("min_length")) - prompt_len, 0)
     kwargs.pop("min_length", None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
-from .base import ImageContext, MethodConfig, Selection
+from .base import ImageContext, MethodConfig, Selection, check_concrete
 from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
 from .globalcom2 import GlobalCom2Config
@@ -40,6 +40,7 @@ def available_methods() -> dict[str, str]:
 def make_config(method: str | MethodConfig = "globalcom2", **options: Any) -> MethodConfig:
     """Build a validated config from a method name and its options (or pass a config through)."""
     if isinstance(method, MethodConfig):
+        check_concrete(type(method))
         if options:
             return type(method)(**{**_fields(method), **_checked(type(method), options)})
         return method

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .. import core
@@ -21,6 +23,8 @@ class ImageContext:
     side:   S, tokens per side of one view (N = S * S).
     grid:   (nph, npw) crops per column / per row.
     valid:  (n, N) bool, crop tokens that survive LLaVA-NeXT's unpadding.
+    box:    (top, bottom, left, right) grid-space bounds of ``valid``, or None; it tells the rows of an
+            image so thin that no column survives, which still get stock's newlines.
     image_index: position of the image in the batch (seeds the random baseline).
     """
 
@@ -28,6 +32,7 @@ class ImageContext:
     side: int
     grid: tuple[int, int]
     valid: torch.Tensor
+    box: tuple[int, int, int, int] | None = None
     image_index: int = 0
 
     @property
@@ -100,13 +105,25 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of ({_fmt(allowed)}), got {value!r}")
 
 
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number: any ``numbers.Real`` (int, float, NumPy scalars such as
+    ``np.float32``, ``Fraction``) or a 0-d real-valued tensor/array, but not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and (
+            value.dtype.is_floating_point or not (value.dtype.is_complex or value.dtype == torch.bool)
+        )
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_number(
     name: str, value: Any, low: float, high: float, low_open: bool = True, high_open: bool = False
 ) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is a finite real number in the interval."""
     lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
     interval = f"{lo}{low}, {high}{hi}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
     v = float(value)
     ok = math.isfinite(v)
@@ -151,7 +168,7 @@ class MethodConfig:
         thumb = sel.thumb_keep
         if getattr(self, "thumbnail_order", "score") == "spatial":
             thumb = thumb.sort().values
-        return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name)
+        return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name, ctx.box)
 
     @property
     def score_source(self) -> tuple[int | None, str]:
@@ -175,3 +192,17 @@ class MethodConfig:
     def unpad_rounding(self) -> int | None:
         """Unpadding rule: the authors truncate (``int``), stock transformers rounds to 7 digits first."""
         return None if self.layout_name == "authors" else 7
+
+
+def check_concrete(cls: type[MethodConfig]) -> None:
+    """Raise TypeError unless ``cls`` is a method that can run: it implements its side of the pipeline."""
+    if cls.where == "llm":
+        ok = callable(getattr(cls, "prune", None)) and callable(getattr(cls, "prune_layers", None))
+    else:
+        ok = cls.select is not MethodConfig.select
+    if not ok:
+        what = "prune and prune_layers" if cls.where == "llm" else "select"
+        raise TypeError(
+            f"method must be a registered name or a concrete method config such as GlobalCom2Config(...); "
+            f"{cls.__name__} does not implement {what} (MethodConfig is the abstract base)"
+        )

@@ -57,6 +57,17 @@ class FasterVLMConfig(MethodConfig):
         check_choice("score", self.score, ("softmax", "logits"))
         check_choice("budget", self.budget, ("authors", "exact"))
 
+    def check_model(self, model) -> None:
+        """The feature layer must be one encoder layer's output: its [CLS] attention ranks the tokens."""
+        layer = model.config.vision_feature_layer
+        n = model.config.vision_config.num_hidden_layers
+        if isinstance(layer, (list, tuple)) or layer % (n + 1) == 0:
+            raise ValueError(
+                "fastervlm ranks tokens by the [CLS] attention of the layer producing the features, so "
+                f"config.vision_feature_layer must be one encoder layer's output (an int in [1, {n}] or "
+                f"[{-n}, -1]), got {layer!r}"
+            )
+
     @property
     def score_source(self) -> tuple[int | None, str]:
         """The [CLS] row of the feature layer (``vision_feature_layer``), like FasterVLM."""

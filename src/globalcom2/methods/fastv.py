@@ -24,8 +24,10 @@ Differences from the released code (details in ``docs/fidelity.md``):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import core
@@ -49,10 +51,11 @@ class FastVConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) or self.k < 1:
             raise ValueError(
                 f"k must be an int >= 1 (prune before layer K using layer K-1's attention), got {self.k!r}"
             )
+        object.__setattr__(self, "k", int(self.k))
 
     def check_model(self, model) -> None:
         """K must name a layer of this model's language model."""

@@ -32,6 +32,8 @@ class GlobalCom2Config(MethodConfig):
     layout: "authors" writes kept crop tokens the way the authors' ``compress_crops`` does
         (slot i of a crop takes its i-th kept token, newline after every row of the padded grid);
         "spatial" keeps true positions with one newline per unpadded row, like stock LLaVA-NeXT.
+        Because of those padded-grid newlines, "authors" can hand the LLM more tokens than stock
+        for very thin images (e.g. 4000x1 px at R = 0.9); "spatial" never exceeds stock.
     allocation: how crop ratios are allocated (Table IV): "softmax_sum" (default), "softmax_max",
         "ntopk", "uniform".
     importance: crop-token importance (Table V): "global_local" (default), "local_only", "global_only".

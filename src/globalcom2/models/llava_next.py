@@ -7,6 +7,7 @@ language model's input. Nothing here edits a library class.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -155,24 +156,115 @@ def _image_sizes_list(image_sizes) -> list[tuple[int, int]]:
             "image_sizes is required with pixel_values: pass the processor's output unchanged "
             "(it returns image_sizes as (height, width) per image)"
         )
-    sizes = torch.as_tensor(image_sizes).reshape(-1, 2).tolist() if not isinstance(image_sizes, list) else image_sizes
-    out = [(int(h), int(w)) for h, w in sizes]
+    try:
+        sizes = torch.as_tensor(image_sizes.cpu() if isinstance(image_sizes, torch.Tensor) else image_sizes)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"image_sizes must be (height, width) pairs, one per image, got {image_sizes!r}") from err
+    if (
+        sizes.dim() != 2
+        or sizes.shape[1] != 2
+        or sizes.shape[0] == 0
+        or sizes.is_complex()
+        or sizes.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"image_sizes must be a (number of images, 2) array of (height, width) pairs as the processor "
+            f"returns it, got shape {tuple(sizes.shape)}"
+        )
+    if sizes.is_floating_point() and not bool((sizes == sizes.round()).all()):
+        raise ValueError(f"image_sizes must hold whole pixel counts, got {sizes.tolist()}")
+    out = [(int(h), int(w)) for h, w in sizes.tolist()]
     if any(h <= 0 or w <= 0 for h, w in out):
         raise ValueError(f"image_sizes must hold positive (height, width) pairs, got {out}")
     return out
+
+
+def feature_layer(model: nn.Module, layer=None) -> int | list[int]:
+    """The validated ``vision_feature_layer`` (call-time ``layer`` or the config's): an index into the
+    vision tower's hidden states (``num_hidden_layers + 1`` of them), or a list of such indices when
+    the model's projector is built for several layers."""
+    configured = model.config.vision_feature_layer
+    layer = configured if layer is None else layer
+    n = len(_encoder_layers(model.model.vision_tower))
+    allowed = f"an int in [{-(n + 1)}, {n}] (an index into the vision tower's {n + 1} hidden states)"
+
+    def ok(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and -(n + 1) <= int(x) <= n
+
+    if isinstance(configured, (list, tuple)):
+        if not isinstance(layer, (list, tuple)) or len(layer) != len(configured) or not all(map(ok, layer)):
+            raise ValueError(
+                f"vision_feature_layer must be a list of {len(configured)} indices, each {allowed}, for this model "
+                f"(its projector takes {len(configured)} layers' features, config: {configured}); got {layer!r}"
+            )
+        return [int(x) for x in layer]
+    if not ok(layer):
+        raise ValueError(
+            f"vision_feature_layer must be {allowed} for this model (its projector takes one layer's features); "
+            f"got {layer!r}"
+        )
+    return int(layer)
+
+
+def check_vision_inputs(model: nn.Module, pixel_values, image_sizes, overrides: dict):
+    """Validate the processor's outputs and call-time vision options before any work.
+
+    returns: (pixel_values as (sum V_i, C, H, W), image sizes, views per image, feature layer).
+    """
+    cfg = model.config
+    geo = Geometry.from_config(cfg)
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a float tensor from the processor, got {type(pixel_values).__name__}")
+    sizes = _image_sizes_list(image_sizes)
+    n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(sizes):
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(sizes)}; "
+                "pass both from the same processor call"
+            )
+        if pixel_values.shape[1] < max(n_views):
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
+                f"{max(n_views)}; pass both from the same processor call"
+            )
+        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
+    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
+        raise ValueError(
+            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
+            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}; pass both from the same "
+            "processor call"
+        )
+    if pixel_values.shape[-1] != geo.image_size or pixel_values.shape[-2] != geo.image_size:
+        raise ValueError(
+            f"pixel_values views must be {geo.image_size}x{geo.image_size} (vision_config.image_size), "
+            f"got {tuple(pixel_values.shape[-2:])}"
+        )
+    strategy = overrides.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+    if strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy must be 'default' while compressing, got {strategy!r}")
+    layer = feature_layer(model, overrides.get("vision_feature_layer"))
+    return pixel_values, sizes, n_views, layer
 
 
 def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int = -1) -> torch.Tensor:
     """(V, N) [CLS] attention of one encoder layer, recomputed from the hidden state entering it.
 
     hidden_states: the tower's ``output_hidden_states`` tuple (embeddings, then each layer's output).
-    layer: encoder layer index (negative counts from the end; -1 is the last layer).
+    layer: index into ``hidden_states`` like ``vision_feature_layer``: the attention of the layer whose
+        output that is (-1 and ``num_layers`` are the last layer, -2 the one before).
     Works whatever attention kernel the tower uses (eager, SDPA, flash): only the layer norm and
     the q/k projections of that layer are re-applied, for the [CLS] query alone.
     """
     layers = _encoder_layers(tower)
-    pos = layer % len(layers)
-    last, hidden = layers[pos], hidden_states[pos]
+    pos = layer % (len(layers) + 1)  # index into hidden_states: hidden_states[i] is the output of layer i - 1
+    if pos == 0:
+        raise ValueError(
+            "vision_feature_layer 0 selects the embeddings, which no encoder layer's [CLS] attention produced; "
+            "methods scoring by the feature layer's attention (fastervlm) need a layer index other than 0 or "
+            f"{-len(layers) - 1}"
+        )
+    last, hidden = layers[pos - 1], hidden_states[pos - 1]
     attn = last.self_attn
     x = last.layer_norm1(hidden)  # (V, 1+N, D)
     num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
@@ -199,42 +291,12 @@ def encode_views(
     """Run the vision tower once over every view of every image.
 
     pixel_values: (B, V_max, C, H, W) as the processor returns it, or (sum V_i, C, H, W).
-    score, score_layer: which [CLS] attention to return ("logits"/"softmax", encoder layer; None
-        means the model's ``vision_feature_layer``).
+    score, score_layer: which [CLS] attention to return ("logits"/"softmax"; the attention of the layer
+        producing ``hidden_states[score_layer]``, -1 the last layer; None means ``vision_feature_layer``).
     returns: (features, scores, sizes): per image (V_i, N, D_llm) projected features and
         (V_i, N) [CLS] scores, plus the (height, width) of each image.
     """
-    cfg = model.config
-    geo = Geometry.from_config(cfg)
-    sizes = _image_sizes_list(image_sizes)
-    n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
-    if pixel_values.dim() == 5:
-        if pixel_values.shape[0] != len(sizes):
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(sizes)}; "
-                "pass both from the same processor call"
-            )
-        if pixel_values.shape[1] < max(n_views):
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
-                f"{max(n_views)}; pass both from the same processor call"
-            )
-        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
-    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
-        raise ValueError(
-            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
-            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}"
-        )
-    if pixel_values.shape[-1] != geo.image_size or pixel_values.shape[-2] != geo.image_size:
-        raise ValueError(
-            f"pixel_values views must be {geo.image_size}x{geo.image_size} (vision_config.image_size), "
-            f"got {tuple(pixel_values.shape[-2:])}"
-        )
-    strategy = overrides.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-    if strategy != "default":
-        raise ValueError(f"vision_feature_select_strategy must be 'default' while compressing, got {strategy!r}")
-    layer = overrides.get("vision_feature_layer")
-    layer = cfg.vision_feature_layer if layer is None else layer
+    pixel_values, sizes, n_views, layer = check_vision_inputs(model, pixel_values, image_sizes, overrides)
 
     tower = model.model.vision_tower
     out = tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -243,7 +305,10 @@ def encode_views(
     feats = model.model.multi_modal_projector(feats[:, 1:])  # (sum V, N, D_llm)
     score_layer = layer if score_layer is None else score_layer
     if not isinstance(score_layer, int):
-        raise ValueError(f"the [CLS] score layer must be one int, got {score_layer!r} (vision_feature_layer)")
+        raise ValueError(
+            f"vision_feature_layer must be one int with this method (it ranks tokens by the [CLS] attention of "
+            f"the feature layer), got {score_layer!r}"
+        )
     with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
         scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
     return list(feats.split(n_views)), list(scores.split(n_views)), sizes
@@ -252,9 +317,13 @@ def encode_views(
 @torch.no_grad()
 def stock_features(model: nn.Module, pixel_values: torch.Tensor, image_sizes, **overrides):
     """Stock LLaVA-NeXT visual tokens per image (the model's own vision path). returns (features, sizes)."""
-    sizes = _image_sizes_list(image_sizes)
+    _, sizes, _, layer = check_vision_inputs(model, pixel_values, image_sizes, overrides)
     sizes_t = torch.tensor(sizes, device=pixel_values.device)
-    out = model.model.get_image_features(pixel_values, sizes_t, return_dict=True, **overrides)
+    overrides = {**overrides, "vision_feature_layer": layer, "vision_feature_select_strategy": "default"}
+    # output_hidden_states explicitly: transformers derives it from the layer index, so layer 0 got none
+    out = model.model.get_image_features(
+        pixel_values, sizes_t, return_dict=True, output_hidden_states=True, **overrides
+    )
     return list(out.pooler_output), sizes
 
 
@@ -266,7 +335,7 @@ def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geome
     else:
         box = (0, grid[0] * geo.side, 0, grid[1] * geo.side)
     valid = core.box_mask(box, grid, geo.side, device=scores.device)
-    ctx = ImageContext(scores=scores.float(), side=geo.side, grid=grid, valid=valid, image_index=index)
+    ctx = ImageContext(scores=scores.float(), side=geo.side, grid=grid, valid=valid, box=box, image_index=index)
     sel = cfg.select(ctx)
     order = cfg.order(sel, ctx)
     return ImageRecord(tuple(image_size), grid, geo.side, valid, sel, order, scores)
@@ -322,8 +391,15 @@ def pack(
     """
     image_token_id = model.config.image_token_id
     bsz = input_ids.shape[0]
+    if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
     is_img = input_ids == image_token_id
     per_row = is_img.sum(1).tolist()
     if sum(per_row) != sum(stock_counts):
@@ -370,6 +446,13 @@ def pack(
         spans.append(row_spans)
     if img != len(stock_counts):
         raise ValueError(f"{len(stock_counts)} images were given but input_ids place only {img}")
+    empty = [b for b, r in enumerate(rows) if r.shape[0] == 0]
+    if empty:
+        raise ValueError(
+            f"row(s) {empty} of the batch would reach the language model with no token at all: their prompt is "
+            "only image placeholders and the method keeps none of the image's tokens at this retention_ratio; "
+            "raise retention_ratio or put text in the prompt"
+        )
 
     max_len = max(r.shape[0] for r in rows)
     d = embeds.shape[-1]

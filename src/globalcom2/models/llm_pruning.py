@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from ..methods.base import PruneContext, Stage
 
@@ -45,6 +46,34 @@ def check_language_model(lm: nn.Module) -> None:
         )
 
 
+#: cache kinds whose layers may hold different lengths (pruned layers cache fewer prompt tokens)
+CACHE_IMPLEMENTATIONS = (None, "dynamic")
+
+
+def check_call_options(model: nn.Module, kwargs: dict) -> None:
+    """Raise ValueError, before any work, for ``forward``/``generate`` options in-LLM pruning cannot honour.
+
+    Layers after a pruning layer cache fewer prompt tokens than the layers before it, which only a
+    dynamic KV cache allows; a static (pre-allocated, one length for all layers) cache does not.
+    """
+    gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if "cache_implementation" in kwargs:
+        impl = kwargs["cache_implementation"]
+    else:
+        impl = getattr(gen_cfg, "cache_implementation", None)
+    if impl not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation must be one of ({', '.join(map(repr, CACHE_IMPLEMENTATIONS))}) with in-LLM "
+            f"methods (fastv, sparsevlm): their pruned layers cache fewer tokens than the others; got {impl!r}"
+        )
+    cache = kwargs.get("past_key_values")
+    if cache is not None and type(cache) is not DynamicCache:
+        raise ValueError(
+            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm): their "
+            f"pruned layers cache fewer tokens than the others; got {type(cache).__name__}"
+        )
+
+
 @torch.no_grad()
 def attention_probs(
     layer: nn.Module,
@@ -62,8 +91,10 @@ def attention_probs(
     """
     attn = layer.self_attn
     hd = attn.head_dim
+    b, length, _ = hidden.shape
+    if queries.shape[1] == 0:  # no query rows (e.g. no text to rate with): nothing to compute
+        return hidden.new_zeros(b, attn.q_proj.out_features // hd, 0, length, dtype=torch.float32)
     x = layer.input_layernorm(hidden)
-    b, length, _ = x.shape
     cos, sin = (t.float().expand(b, -1, -1) for t in cos_sin)
     xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))  # (B, Q, D)
     q = attn.q_proj(xq).float().view(b, queries.shape[1], -1, hd).transpose(1, 2)  # (B, H, Q, hd)
@@ -216,6 +247,13 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
             num_layers=len(layers),
         )
         out: Stage = plan.prune(ctx)
+        empty = [row for row, h in enumerate(out.hidden) if h.shape[0] == 0]
+        if empty:
+            raise ValueError(
+                f"row(s) {empty} of the batch would keep no token at all after decoder layer {idx - 1}: their "
+                f"prompt is only image placeholders and {plan.name} keeps none of the image's tokens at "
+                f"retention_ratio={plan.retention_ratio}; raise retention_ratio or put text in the prompt"
+            )
         state.key_mask = _pad_left([torch.ones(h.shape[0], dtype=torch.bool, device=hidden.device) for h in out.hidden])
         new_hidden = _pad_left(out.hidden)
         state.positions = _pad_left(out.positions)
