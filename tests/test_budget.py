@@ -49,13 +49,6 @@ def _scores(geo, size, draw):
     return torch.rand(shape, generator=g) * 1e30
 
 
-def _columnless(geo, size):
-    """Rows but no column survive stock unpadding: stock still ends each row with a newline, the spatial
-    layout emits none so far (fixed on the `robust` branch); such sizes are left out of the stock comparisons."""
-    top, bottom, left, right = core.unpadded_box(geo.grid(size), geo.side, size, 7)
-    return right == left and bottom > top
-
-
 def _formula(geo, size, ratio, layout):
     """K of GlobalCom² with budget="exact", written out from the documented formula (README)."""
     nph, npw = geo.grid(size)
@@ -153,8 +146,7 @@ def test_globalcom2_exact_count_is_the_formula_for_any_content():
             "globalcom2", retention_ratio=ratio, budget="exact", layout=layout, allocation=allocation
         )
         k = globalcom2.num_image_tokens(cfg, size, method=method)
-        if layout == "authors" or not _columnless(geo, size):
-            assert k == _formula(geo, size, ratio, layout), (size, ratio, layout)
+        assert k == _formula(geo, size, ratio, layout), (size, ratio, layout)
         assert k <= geo.stock_tokens(size), (size, ratio, layout)
         for draw in range(4):
             rec = A.select_image(method, _scores(geo, size, i * 7 + draw), size, geo)
@@ -249,8 +241,6 @@ def test_ratio_one_neutral_options_count_equals_stock_for_any_size():
     cfg = tiny_config()
     geo = A.Geometry.from_config(cfg)
     for size in _sizes(seed=5, n=200):
-        if _columnless(geo, size):
-            continue
         for allocation in ("softmax_sum", "ntopk"):
             k = globalcom2.num_image_tokens(cfg, size, allocation=allocation, **NEUTRAL)
             assert k == geo.stock_tokens(size), size
@@ -378,8 +368,6 @@ def test_readme_table_formulas_for_the_other_methods():
     geo = A.Geometry.from_config(cfg)
     n_view = geo.side**2
     for i, size in enumerate(_sizes(seed=9, n=60)):
-        if _columnless(geo, size):
-            continue
         ratio = RATIOS[i % len(RATIOS)]
         nph, npw = geo.grid(size)
         n = nph * npw

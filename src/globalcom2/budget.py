@@ -90,7 +90,7 @@ def geometry_context(cfg: MethodConfig, geo: adapter.Geometry, image_size: tuple
         box = (0, grid[0] * geo.side, 0, grid[1] * geo.side)
     valid = core.box_mask(box, grid, geo.side)  # (n, N)
     scores = torch.zeros(1 + valid.shape[0], geo.side**2)  # (1 + n, N), never read
-    return ImageContext(scores=scores, side=geo.side, grid=grid, valid=valid)
+    return ImageContext(scores=scores, side=geo.side, grid=grid, valid=valid, box=box)
 
 
 def canonical_selection(ctx: ImageContext, k0: int, k: torch.Tensor) -> Selection:
