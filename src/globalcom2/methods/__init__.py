@@ -13,6 +13,7 @@ from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
 from .globalcom2 import GlobalCom2Config
 from .sparsevlm import SparseVLMConfig
+from .visionzip import VisionZipConfig
 
 __all__ = [
     "ImageContext",
@@ -22,6 +23,7 @@ __all__ = [
     "FasterVLMConfig",
     "FastVConfig",
     "SparseVLMConfig",
+    "VisionZipConfig",
     "RandomConfig",
     "REGISTRY",
     "available_methods",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 _ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
+_ALL += (VisionZipConfig,)  # newer methods beside GlobalCom² (issue 12)
 REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 

@@ -1,0 +1,121 @@
+"""VisionZip, DivPrune, DART and CDPruner (issue 12): oracles from the authors' code, then end to end."""
+
+import pytest
+import torch
+
+import globalcom2
+from conftest import PROMPT, make_inputs
+from globalcom2.methods import ImageContext
+from globalcom2.models import llava_next as A
+from globalcom2.tiny import demo_image, tiny_model
+from reference_visionzip import reference_tokens as visionzip_reference
+
+
+def _visionzip_counts(rec, ratio):
+    """(kept tokens per view, tokens beyond them): dominant patches per view; [CLS] + contextual extra."""
+    n_views, k = 1 + rec.grid[0] * rec.grid[1], max(1, round(rec.side**2 * ratio))
+    dominant = k - round(k * 10 / 64)
+    return [dominant - 1] * n_views, n_views * (k - dominant + 1)
+
+
+#: name -> (record, R) -> (kept per view, other tokens), used by test_methods' token-count test
+NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts}
+
+CASES = [((300, 220), 0.5), ((150, 400), 0.25), ((500, 120), 0.75), ((224, 224), 0.1), ((90, 300), 1.0)]
+
+
+def _eager_tower_outputs(model, pixel_values, image_sizes):
+    """Feature-layer attention maps, hidden states and head-averaged keys, the way the authors read them."""
+    geo = A.Geometry.from_config(model.config)
+    grids = [geo.grid(tuple(int(x) for x in s)) for s in image_sizes.tolist()]
+    flat = torch.cat([pv[: 1 + g[0] * g[1]] for pv, g in zip(pixel_values, grids)])
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    layer = model.config.vision_feature_layer
+    attn_mod = A._encoder_layers(tower)[layer].self_attn
+    seen = []
+    handle = attn_mod.k_proj.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        out = tower(flat, output_hidden_states=True, output_attentions=True, return_dict=True)
+    handle.remove()
+    keys = seen[0]
+    v, t, d = keys.shape
+    heads = attn_mod.num_heads if hasattr(attn_mod, "num_heads") else tower.config.num_attention_heads
+    metric = keys.view(v, t, heads, d // heads).mean(2)  # their raw_key_states.mean(1)
+    return out.attentions[layer][:, :, 0, 1:], out.hidden_states[layer], metric, grids
+
+
+# ---------------------------------------------------------------- VisionZip
+
+
+@pytest.mark.parametrize("size,ratio", CASES)
+def test_visionzip_matches_authors_code(processor, size, ratio):
+    model = tiny_model(seed=3)
+    inputs = processor(images=demo_image(*size, seed=size[0]), text="<image>", return_tensors="pt")
+    cfg = globalcom2.make_config("visionzip", retention_ratio=ratio)
+    with torch.no_grad():
+        feats, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+    attn, hidden, metric, (grid,) = _eager_tower_outputs(model, inputs["pixel_values"], inputs["image_sizes"])
+    N = attn.shape[-1]
+    k = max(1, round(N * ratio))
+    contextual = round(k * 10 / 64)
+    ref = visionzip_reference(attn, hidden, metric, k - contextual, contextual, grid)
+    with torch.no_grad():
+        ref = model.model.multi_modal_projector(ref)
+    assert feats[0].shape == ref.shape == (rec.num_tokens, ref.shape[1])
+    assert rec.num_tokens == (1 + grid[0] * grid[1]) * k
+    torch.testing.assert_close(feats[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_visionzip_split_is_the_authors_54_10():
+    from globalcom2.methods.visionzip import visionzip_split
+
+    assert [visionzip_split(k, 10 / 64) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert visionzip_split(1, 10 / 64) == (1, 0)  # [CLS] alone
+    assert visionzip_split(8, 0.0) == (8, 0)
+
+
+def test_visionzip_merge_by_hand():
+    from globalcom2.methods.visionzip import merge_contextual
+
+    # 1 view, 4 non-dominant tokens at positions 1..4 of a 5-token sequence, c = 2: step 2 -> targets 0, 2
+    hidden = torch.arange(5.0)[None, :, None].expand(1, 5, 3).clone()  # token p has hidden p
+    keys = torch.tensor([[[0.0, 1], [1, 0], [1, 0.1], [0, 1], [0.1, 1]]])
+    rest = torch.tensor([[1, 2, 3, 4]])
+    out = merge_contextual(hidden, keys, rest, 2)  # token 2 joins target 1, token 4 joins target 3
+    assert torch.equal(out[0, :, 0], torch.tensor([1.0 + 2.0, 3.0 + 4.0]))
+
+
+def test_visionzip_kept_mask_shows_dominant_tokens(processor):
+    model = tiny_model()
+    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    cfg = globalcom2.make_config("visionzip", retention_ratio=0.5)
+    _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+    N = rec.side**2
+    k = round(N * 0.5)
+    dominant = k - round(k * 10 / 64) - 1
+    assert rec.kept_per_view().tolist() == [dominant] * (1 + rec.grid[0] * rec.grid[1])
+    assert rec.kept_mask().sum() == dominant * (1 + rec.grid[0] * rec.grid[1])
+
+
+def test_visionzip_needs_hidden_and_keys():
+    cfg = globalcom2.make_config("visionzip")
+    ctx = ImageContext(scores=torch.rand(5, 16), side=4, grid=(2, 2), valid=torch.ones(4, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="visionzip needs"):
+        cfg.select(ctx)
+    with pytest.raises(ValueError, match="contextual_share"):
+        globalcom2.make_config("visionzip", contextual_share=1.0)
+
+
+NEW = ["visionzip"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_methods_eager_and_sdpa_agree(processor, images, name):
+    inputs = make_inputs(processor, images, [PROMPT] * 3)
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model = tiny_model(attn_implementation=attn)
+        globalcom2.apply(model, method=name, retention_ratio=0.25)
+        outs.append(model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None))
+    assert torch.equal(*outs)
