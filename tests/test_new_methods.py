@@ -8,6 +8,7 @@ from conftest import PROMPT, make_inputs
 from globalcom2.methods import ImageContext
 from globalcom2.models import llava_next as A
 from globalcom2.tiny import demo_image, tiny_model
+from reference_divprune import reference_tokens as divprune_reference
 from reference_visionzip import reference_tokens as visionzip_reference
 
 
@@ -18,8 +19,17 @@ def _visionzip_counts(rec, ratio):
     return [dominant - 1] * n_views, n_views * (k - dominant + 1)
 
 
+def _divprune_counts(rec, ratio):
+    """round(R T) of the T stock tokens (thumbnail, unpadded crops, newlines), some of them newlines."""
+    kept = rec.kept_per_view().tolist()
+    geo_rows = int(rec.valid.view(-1, rec.side, rec.side).any(2).view(rec.grid[0], rec.grid[1], rec.side).any(1).sum())
+    stock = rec.side**2 + int(rec.valid.sum()) + geo_rows
+    assert rec.num_tokens == round(ratio * stock)
+    return kept, rec.num_tokens - sum(kept)
+
+
 #: name -> (record, R) -> (kept per view, other tokens), used by test_methods' token-count test
-NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts}
+NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts, "divprune": _divprune_counts}
 
 CASES = [((300, 220), 0.5), ((150, 400), 0.25), ((500, 120), 0.75), ((224, 224), 0.1), ((90, 300), 1.0)]
 
@@ -107,7 +117,55 @@ def test_visionzip_needs_hidden_and_keys():
         globalcom2.make_config("visionzip", contextual_share=1.0)
 
 
-NEW = ["visionzip"]
+# ---------------------------------------------------------------- DivPrune
+
+
+def _stock_tokens(model, inputs):
+    """Stock LLaVA-NeXT visual tokens of the first image, packed by transformers itself."""
+    feats, _ = A.stock_features(model, inputs["pixel_values"], inputs["image_sizes"])
+    return feats[0]
+
+
+@pytest.mark.parametrize("size,ratio", CASES[:4])
+def test_divprune_matches_authors_code(processor, size, ratio):
+    model = tiny_model(seed=4)
+    inputs = processor(images=demo_image(*size, seed=size[1]), text="<image>", return_tensors="pt")
+    with torch.no_grad():
+        feats, (rec,) = A.compress(model, globalcom2.make_config("divprune", retention_ratio=ratio),
+                                   inputs["pixel_values"], inputs["image_sizes"])  # fmt: skip
+        stock = _stock_tokens(model, inputs)
+    ref = divprune_reference(stock, ratio)
+    assert rec.num_tokens == round(ratio * stock.shape[0]) == ref.shape[0]
+    assert torch.equal(feats[0], ref)
+
+
+def test_divprune_greedy_by_hand():
+    from globalcom2.methods.divprune import max_min_diverse
+
+    # four directions in the plane: 0 and 1 nearly equal, 2 orthogonal, 3 opposite to 0
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [-1.0, 0.0]])
+    # first: the token whose nearest other is farthest (3: nearest 2 at distance 1; 2's nearest is 1 at 0.95),
+    # then the farthest from {3} (0, at 2), then the farthest from {3, 0} (2, at 1; 1 is 0.001 from 0)
+    assert max_min_diverse(x, 3).tolist() == [3, 0, 2]
+    assert sorted(max_min_diverse(x, 4).tolist()) == [0, 1, 2, 3]  # every token once at R = 1
+    dup = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+    assert sorted(max_min_diverse(dup, 4).tolist()) == [0, 1, 2, 3]  # duplicates: still each token once
+
+
+def test_divprune_per_view(processor):
+    model = tiny_model()
+    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    cfg = globalcom2.make_config("divprune", retention_ratio=0.25, granularity="view")
+    _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+    n_valid = [rec.side**2] + rec.valid.sum(1).tolist()
+    assert rec.kept_per_view().tolist() == [max(1, round(0.25 * c)) if c else 0 for c in n_valid]
+    assert rec.num_tokens == rec.kept_per_view().sum()  # no newline tokens
+    assert not (rec.kept_mask()[1:] & ~rec.valid).any()  # nothing from the letterbox padding
+    with pytest.raises(ValueError, match=r"granularity must be one of \('image', 'view'\)"):
+        globalcom2.make_config("divprune", granularity="crop")
+
+
+NEW = ["visionzip", "divprune"]
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -27,6 +27,7 @@ class ImageContext:
     method that ranks by [CLS] scores alone pays nothing for them):
 
     features: (1 + n, N, D_llm) projected visual features of every view (``"features"``).
+    newline:  (D_llm,) the model's image-newline embedding (given with ``"features"``).
     hidden:   (1 + n, 1 + N, D_vis) vision hidden states of the feature layer, [CLS] first; the
               projector of the model turns rows of it into LLM tokens (``"hidden"``).
     keys:     (1 + n, 1 + N, d_head) keys of the score layer averaged over heads, [CLS] first (``"keys"``).
@@ -39,6 +40,7 @@ class ImageContext:
     valid: torch.Tensor
     image_index: int = 0
     features: torch.Tensor | None = None
+    newline: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None

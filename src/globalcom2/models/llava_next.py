@@ -396,7 +396,7 @@ def compress(
     out, records = [], []
     for i, (f, s, size, extra) in enumerate(zip(feats, scores, sizes, extras)):
         if "features" in cfg.needs:
-            extra["features"] = f
+            extra["features"], extra["newline"] = f, model.model.image_newline.to(f.device, f.dtype)
         rec = select_image(cfg, s, size, geo, index=i, **extra)
         out.append(emit(model, rec, f))
         records.append(rec)
