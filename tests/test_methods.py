@@ -200,7 +200,7 @@ def test_vision_methods_token_count_matches_formula(processor, name):
     model = tiny_model()
     inputs = make_inputs(processor, [demo_image(300, 220)])
     cfg = globalcom2.make_config(name, retention_ratio=0.5)
-    _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+    _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"], input_ids=inputs["input_ids"])
     N, n = rec.side**2, rec.grid[0] * rec.grid[1]
     kept = rec.kept_per_view()
     valid = rec.valid.sum(1)

@@ -8,6 +8,7 @@ from conftest import PROMPT, make_inputs
 from globalcom2.methods import ImageContext
 from globalcom2.models import llava_next as A
 from globalcom2.tiny import demo_image, tiny_model
+from reference_cdpruner import reference_tokens as cdpruner_reference
 from reference_divprune import reference_tokens as divprune_reference
 from reference_visionzip import reference_tokens as visionzip_reference
 
@@ -28,8 +29,17 @@ def _divprune_counts(rec, ratio):
     return kept, rec.num_tokens - sum(kept)
 
 
+def _cdpruner_counts(rec, ratio):
+    """T per view, less the crop picks that fall in the padding; a newline per unpadded row."""
+    t = max(1, round(rec.side**2 * ratio))
+    kept = rec.kept_per_view().tolist()
+    assert kept[0] == t and all(k <= t for k in kept[1:])
+    rows = int(rec.valid.view(-1, rec.side, rec.side).any(2).view(rec.grid[0], rec.grid[1], rec.side).any(1).sum())
+    return kept, rows
+
+
 #: name -> (record, R) -> (kept per view, other tokens), used by test_methods' token-count test
-NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts, "divprune": _divprune_counts}
+NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts, "divprune": _divprune_counts, "cdpruner": _cdpruner_counts}
 
 CASES = [((300, 220), 0.5), ((150, 400), 0.25), ((500, 120), 0.75), ((224, 224), 0.1), ((90, 300), 1.0)]
 
@@ -165,7 +175,53 @@ def test_divprune_per_view(processor):
         globalcom2.make_config("divprune", granularity="crop")
 
 
-NEW = ["visionzip", "divprune"]
+# ---------------------------------------------------------------- CDPruner
+
+
+@pytest.mark.parametrize("size,ratio", [((300, 220), 0.25), ((150, 400), 0.1), ((500, 120), 0.4)])
+def test_cdpruner_matches_authors_code(processor, size, ratio):
+    model = tiny_model(seed=5)
+    inputs = processor(images=demo_image(*size, seed=size[0] + 1), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        feats, (rec,) = A.compress(
+            model, globalcom2.make_config("cdpruner", retention_ratio=ratio), inputs["pixel_values"],
+            inputs["image_sizes"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        )  # fmt: skip
+        views, _, sizes = A.encode_views(model, inputs["pixel_values"], inputs["image_sizes"])
+        ids = inputs["input_ids"][0]
+        text = model.get_input_embeddings()(ids[ids != model.config.image_token_id])
+    N = views[0].shape[1]
+    ref = cdpruner_reference(views[0], text, rec.grid, sizes[0], max(1, round(N * ratio)), model.model.image_newline)
+    assert feats[0].shape == ref.shape
+    torch.testing.assert_close(feats[0], ref.to(feats[0].dtype), rtol=0, atol=0)
+
+
+def test_dpp_greedy_by_hand():
+    from globalcom2.methods.cdpruner import dpp_greedy
+
+    # 0 and 1 nearly parallel and both large; 2 orthogonal and smaller: greedy MAP takes 0, then 2, not 1
+    x = torch.tensor([[2.0, 0.0], [1.9, 0.2], [0.0, 1.0]])
+    kernel = (x @ x.t())[None]
+    assert dpp_greedy(kernel, 2).tolist() == [[0, 2]]
+    assert dpp_greedy(kernel.expand(3, 3, 3), 3).tolist() == [[0, 1, 2]] * 3  # batched, everything at T = N
+
+
+def test_cdpruner_uses_the_instruction(processor):
+    model = tiny_model()
+    cfg = globalcom2.make_config("cdpruner", retention_ratio=0.25)
+    recs = []
+    for prompt in ("USER: <image>\nwhat is this ? ASSISTANT:", "USER: <image>\nred car left sign ? ASSISTANT:"):
+        inputs = processor(images=demo_image(300, 220), text=prompt, return_tensors="pt")
+        pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
+        recs.append(A.compress(model, cfg, pv, sizes, input_ids=inputs["input_ids"])[1][0])
+    plain = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])[1][0]  # no prompt: plain DPP
+    masks = [r.kept_mask() for r in (*recs, plain)]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    with pytest.raises(ValueError, match=r"text_pooling must be one of \('mean', 'tokens'\)"):
+        globalcom2.make_config("cdpruner", text_pooling="max")
+
+
+NEW = ["visionzip", "divprune", "cdpruner"]
 
 
 @pytest.mark.parametrize("name", NEW)
