@@ -9,6 +9,7 @@ from globalcom2.methods import ImageContext
 from globalcom2.models import llava_next as A
 from globalcom2.tiny import demo_image, tiny_model
 from reference_cdpruner import reference_tokens as cdpruner_reference
+from reference_dart import reference_keep as dart_reference
 from reference_divprune import reference_tokens as divprune_reference
 from reference_visionzip import reference_tokens as visionzip_reference
 
@@ -38,8 +39,22 @@ def _cdpruner_counts(rec, ratio):
     return kept, rows
 
 
+def _dart_counts(rec, ratio):
+    """4 image pivots + 8 TOPK tokens of the stock sequence (4 image + 4 text pivots)."""
+    kept = rec.kept_per_view().tolist()
+    rows = int(rec.valid.view(-1, rec.side, rec.side).any(2).view(rec.grid[0], rec.grid[1], rec.side).any(1).sum())
+    stock = rec.side**2 + int(rec.valid.sum()) + rows
+    assert rec.num_tokens == 4 + 8 * (min(round(ratio * stock), stock - 4) // 8)
+    return kept, rec.num_tokens - sum(kept)
+
+
 #: name -> (record, R) -> (kept per view, other tokens), used by test_methods' token-count test
-NEW_METHOD_COUNTS = {"visionzip": _visionzip_counts, "divprune": _divprune_counts, "cdpruner": _cdpruner_counts}
+NEW_METHOD_COUNTS = {
+    "visionzip": _visionzip_counts,
+    "divprune": _divprune_counts,
+    "dart": _dart_counts,
+    "cdpruner": _cdpruner_counts,
+}
 
 CASES = [((300, 220), 0.5), ((150, 400), 0.25), ((500, 120), 0.75), ((224, 224), 0.1), ((90, 300), 1.0)]
 
@@ -221,7 +236,44 @@ def test_cdpruner_uses_the_instruction(processor):
         globalcom2.make_config("cdpruner", text_pooling="max")
 
 
-NEW = ["visionzip", "divprune", "cdpruner"]
+# ---------------------------------------------------------------- DART (embedding level)
+
+
+@pytest.mark.parametrize("size,ratio", CASES[:4])
+def test_dart_matches_the_authors_algorithm_on_embeddings(processor, size, ratio):
+    model = tiny_model(seed=6)
+    inputs = processor(images=demo_image(*size, seed=size[0] + 2), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        feats, (rec,) = A.compress(
+            model, globalcom2.make_config("dart", retention_ratio=ratio), inputs["pixel_values"],
+            inputs["image_sizes"], input_ids=inputs["input_ids"],
+        )  # fmt: skip
+        stock = _stock_tokens(model, inputs)
+        ids = inputs["input_ids"][0]
+        text = model.get_input_embeddings()(ids[ids != model.config.image_token_id])
+    keep = dart_reference(stock, text, ratio)
+    assert torch.equal(feats[0], stock[keep])
+    T = stock.shape[0]
+    assert len(keep) == 4 + 8 * (min(round(ratio * T), T - 4) // 8)  # their count: retain, +4 - remainder
+
+
+def test_dart_by_hand_keeps_pivots_and_least_duplicated():
+    from globalcom2.methods.dart import duplication_aware_keep
+
+    # token 0 is the largest (the pivot); 1 duplicates it, 2 and 3 point elsewhere
+    x = torch.tensor([[3.0, 0.0], [2.0, 0.1], [0.0, 1.0], [-1.0, 0.2]])
+    assert duplication_aware_keep(x, None, 2, 1, 0).tolist() == [0, 2, 3]  # pivot + TOPK = 2
+    assert duplication_aware_keep(x, None, 1, 1, 0).tolist() == [0, 3]  # the most different first
+    # TOPK = 1 per pivot: the image pivot takes 3, a text pivot along x takes the free token least like it, 2
+    text = torch.tensor([[1.0, 0.0]])
+    assert duplication_aware_keep(x, text, 2, 1, 1).tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="pivot_image_tokens must be >= 1"):
+        globalcom2.make_config("dart", pivot_image_tokens=0)
+    with pytest.raises(TypeError, match="pivot_text_tokens must be an int"):
+        globalcom2.make_config("dart", pivot_text_tokens=2.5)
+
+
+NEW = ["visionzip", "divprune", "dart", "cdpruner"]
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -10,6 +10,7 @@ from typing import Any
 from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
 from .base import ImageContext, MethodConfig, Selection
 from .cdpruner import CDPrunerConfig
+from .dart import DARTConfig
 from .divprune import DivPruneConfig
 from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
@@ -28,6 +29,7 @@ __all__ = [
     "VisionZipConfig",
     "DivPruneConfig",
     "CDPrunerConfig",
+    "DARTConfig",
     "RandomConfig",
     "REGISTRY",
     "available_methods",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 _ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
-_ALL += (VisionZipConfig, DivPruneConfig, CDPrunerConfig)  # newer methods beside GlobalCom² (issue 12)
+_ALL += (VisionZipConfig, DivPruneConfig, DARTConfig, CDPrunerConfig)  # newer methods beside GlobalCom² (issue 12)
 REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 
