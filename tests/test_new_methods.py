@@ -285,3 +285,26 @@ def test_new_methods_eager_and_sdpa_agree(processor, images, name):
         globalcom2.apply(model, method=name, retention_ratio=0.25)
         outs.append(model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None))
     assert torch.equal(*outs)
+
+
+# ---------------------------------------------------------------- tools accept the new names
+
+
+def test_viz_draws_new_methods(processor):
+    from globalcom2 import viz
+
+    model = tiny_model()
+    panels = viz.panels(model, processor, demo_image(300, 220), methods=tuple(NEW), ratios=(0.25,))
+    for panel in panels:
+        assert panel.kept_patch_counts() == panel.record.kept_per_view().tolist()
+    fig = viz.render(model, processor, demo_image(300, 220), methods=["visionzip"], ratios=[0.25])
+    assert "merged/[CLS] not drawn" in fig.axes[0].get_ylabel()
+
+
+def test_bench_runs_new_methods(capsys):
+    from globalcom2 import bench
+
+    argv = ["--tiny", "--repeats", "1", "--decode-tokens", "1", "--methods", *NEW, "--ratios", "0.25", "--quiet"]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in NEW)
