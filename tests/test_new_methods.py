@@ -177,6 +177,17 @@ def test_divprune_greedy_by_hand():
     assert sorted(max_min_diverse(dup, 4).tolist()) == [0, 1, 2, 3]  # duplicates: still each token once
 
 
+def test_divprune_blockwise_distance_is_the_full_one():
+    from globalcom2.methods.divprune import cosine_distance
+
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    normed = x / x.norm(dim=1, keepdim=True)
+    full = 1.0 - normed @ normed.t()
+    blocked = cosine_distance(x, block=7)
+    torch.testing.assert_close(blocked, full, rtol=0, atol=1e-6)
+    assert torch.equal(blocked, blocked.t())
+
+
 def test_divprune_per_view(processor):
     model = tiny_model()
     inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
