@@ -232,6 +232,14 @@ def test_dpp_greedy_by_hand():
     assert dpp_greedy(kernel.expand(3, 3, 3), 3).tolist() == [[0, 1, 2]] * 3  # batched, everything at T = N
 
 
+def test_dpp_greedy_picks_distinct_tokens_past_the_kernel_rank():
+    from globalcom2.methods.cdpruner import dpp_greedy
+
+    x = torch.randn(2, 40, 3, generator=torch.Generator().manual_seed(0))  # rank 3, 40 tokens
+    chosen = dpp_greedy(x @ x.transpose(1, 2), 30)
+    assert all(len(set(row)) == 30 for row in chosen.tolist())
+
+
 def test_cdpruner_uses_the_instruction(processor):
     model = tiny_model()
     cfg = globalcom2.make_config("cdpruner", retention_ratio=0.25)

@@ -25,8 +25,10 @@ Departures (each with the reason and the option):
   the method is the plain DPP over the similarity kernel.
 * min-max normalisation over the views of one image (theirs: over the whole batch of views, which
   is the same for one image per batch and keeps batch == alone); a constant relevance is 1.
-* the greedy's pivot is floored at 1e-10 before its square root: identical while the kernel keeps
-  full rank over the picks (always at LLaVA-NeXT-7B sizes, D = 4096 >> T), finite otherwise.
+* once the chosen token's gain falls to 1e-10 or below (the kernel's rank is used up: only when
+  the feature width D is below T, never at LLaVA-NeXT-7B sizes, D = 4096 >> N), the step adds no
+  Cholesky row, so the remaining picks are distinct tokens by residual gain; their code divides by
+  a zero or negative square root there and can return repeated or NaN-driven picks.
 * ``negate=True`` is their sign ``(-relevance).mean``; ``False`` ranks relevant tokens up instead.
 """
 
@@ -77,7 +79,9 @@ def dpp_greedy(kernel: torch.Tensor, t: int) -> torch.Tensor:
         j = di2s.argmax(dim=-1)  # (B,)
         chosen[i] = j
         proj = torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])  # (B, N)
-        eis = (kernel[rows, j] - proj) / di2s[rows, j].clamp(min=1e-10).sqrt().unsqueeze(-1)  # (B, N)
+        pivot = di2s[rows, j]  # (B,) gain of the chosen token
+        eis = (kernel[rows, j] - proj) / pivot.clamp(min=1e-10).sqrt().unsqueeze(-1)  # (B, N)
+        eis = torch.where((pivot > 1e-10).unsqueeze(-1), eis, torch.zeros_like(eis))  # kernel exhausted: no update
         cis[i] = eis
         di2s = di2s - eis.square()
         di2s[rows, j] = -float("inf")
