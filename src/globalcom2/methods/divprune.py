@@ -73,8 +73,8 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     for i in range(k):
         j = score.argmax()
         chosen[i] = j
-        nearest = torch.minimum(nearest, dist[j])  # (T,)
-        nearest[chosen[: i + 1]] = -float("inf")
+        torch.minimum(nearest, dist[j], out=nearest)  # (T,)
+        nearest[j] = -float("inf")  # a chosen token stays at -inf: min(-inf, d) = -inf
         score = nearest
     return chosen
 
