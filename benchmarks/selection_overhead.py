@@ -4,11 +4,16 @@ Random weights shaped like CLIP-ViT-L/14-336 (24 layers, width 1024, 16 heads) u
 LLaVA-NeXT config; one 672x672-class image (thumbnail + 2x2 crops = 5 views). Both timings are
 taken in the same run, interleaved, medians over repeats after a warm-up. Nothing is downloaded.
 
-    python benchmarks/selection_overhead.py [--repeats 3] [--device cpu] [--method globalcom2]
+    python benchmarks/selection_overhead.py [--repeats 3] [--device cpu] [--method globalcom2 divprune ...]
 
 The compression step is everything globalcom2 adds on top of the stock vision path: the [CLS]
-row of the last layer recomputed from the hidden state entering it, the method's selection, and
-the gather of the kept features (the stock path would instead unpad and add newlines).
+row of the last layer recomputed from the hidden state entering it, the optional inputs a method
+reads (VisionZip's keys, the prompt's text embeddings), the method's selection, and the gather of
+the kept features (plus projecting merged tokens; the stock path would instead unpad and add
+newlines). The projector maps to a 4096-wide language model (LLaVA-NeXT-7B) by default, since
+DivPrune, DART and CDPruner compare projected features and their cost grows with that width; the
+language model itself has one tiny-MLP layer (it is never run here). Several methods share one
+vision-tower timing per repeat.
 """
 
 from __future__ import annotations
@@ -36,21 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--method", default="globalcom2")
+    ap.add_argument("--method", nargs="+", default=["globalcom2"], help="one or more vision-side methods")
+    ap.add_argument("--llm-hidden", type=int, default=4096, help="projector output width (default: 4096)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25, 0.1])
     ap.add_argument("--vision-layers", type=int, default=24, help="fewer layers for a quick look (default: 24)")
     args = ap.parse_args(argv)
 
-    shape = dict(CLIP_L_336, vision_layers=args.vision_layers, text_hidden=64, text_layers=1)
+    shape = dict(CLIP_L_336, vision_layers=args.vision_layers, text_hidden=args.llm_hidden, text_layers=1,
+                 text_heads=32, text_intermediate=64)  # fmt: skip
     model = tiny_model(seed=0, **shape).to(args.device)
     processor = tiny_processor(image_size=336, patch_size=14)
-    inputs = processor(images=demo_image(672, 672), text="<image>", return_tensors="pt").to(args.device)
+    prompt = "USER: <image>\nwhat is the color of the car on the left ? ASSISTANT:"
+    inputs = processor(images=demo_image(672, 672), text=prompt, return_tensors="pt").to(args.device)
     pv, sizes = inputs["pixel_values"][0], inputs["image_sizes"]
+    size_list = [tuple(int(x) for x in sizes[0].tolist())]
     geo = A.Geometry.from_config(model.config)
     tower, newline = model.model.vision_tower, model.model.image_newline
     print(
         f"vision tower: CLIP-ViT-L/14-336 shape, {args.vision_layers} layers, random weights; "
-        f"{pv.shape[0]} views; device {args.device}; method {args.method}"
+        f"{pv.shape[0]} views; projector width {args.llm_hidden}; device {args.device}; methods {' '.join(args.method)}"
     )
 
     with torch.no_grad():
@@ -61,33 +70,38 @@ def main(argv: list[str] | None = None) -> int:
             return out.hidden_states, feats
 
         hidden, feats = vision()  # warm-up
-        print(f"{'R':>6} {'vision ms':>10} {'compress ms':>12} {'overhead':>9}")
+        print(f"{'method':>12} {'R':>6} {'vision ms':>10} {'compress ms':>12} {'overhead':>9}")
         for ratio in args.ratios:
-            cfg = make_config(args.method, retention_ratio=ratio)
+            cfgs = [make_config(m, retention_ratio=ratio) for m in args.method]
 
-            def compress(cfg=cfg):
+            def compress(cfg, hidden, feats):
                 layer, kind = cfg.score_source
                 layer = model.config.vision_feature_layer if layer is None else layer
                 scores = A._cls_scores(tower, hidden, kind, layer)
-                rec = A.select_image(cfg, scores, tuple(sizes[0].tolist()), geo)
-                source = torch.cat([feats.flatten(0, 1), newline[None].to(feats.dtype)], dim=0)
-                return source[rec.order]
+                (extra,) = A.method_inputs(model, cfg, hidden, [pv.shape[0]], size_list, inputs["input_ids"])
+                if "features" in cfg.needs:
+                    extra["features"], extra["newline"] = feats, newline.to(feats.dtype)
+                rec = A.select_image(cfg, scores, size_list[0], geo, **extra)
+                return A.emit(model, rec, feats)
 
-            compress()  # warm-up
-            tv, tc = [], []
+            for cfg in cfgs:
+                compress(cfg, hidden, feats)  # warm-up
+            tv, tc = [], {cfg.name: [] for cfg in cfgs}
             for _ in range(args.repeats):
                 _sync(args.device)
                 t0 = time.perf_counter()
-                vision()
+                hidden, feats = vision()
                 _sync(args.device)
-                t1 = time.perf_counter()
-                compress()
-                _sync(args.device)
-                t2 = time.perf_counter()
-                tv.append(t1 - t0)
-                tc.append(t2 - t1)
-            v, c = statistics.median(tv), statistics.median(tc)
-            print(f"{ratio:>6} {v * 1e3:>10.1f} {c * 1e3:>12.2f} {c / v:>9.2%}")
+                tv.append(time.perf_counter() - t0)
+                for cfg in cfgs:
+                    t1 = time.perf_counter()
+                    compress(cfg, hidden, feats)
+                    _sync(args.device)
+                    tc[cfg.name].append(time.perf_counter() - t1)
+            v = statistics.median(tv)
+            for name, times in tc.items():
+                c = statistics.median(times)
+                print(f"{name:>12} {ratio:>6} {v * 1e3:>10.1f} {c * 1e3:>12.2f} {c / v:>9.2%}")
     return 0
 
 

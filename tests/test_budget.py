@@ -13,7 +13,10 @@ from globalcom2.methods import REGISTRY, GlobalCom2Config, ImageContext
 from globalcom2.models import llava_next as A
 from globalcom2.tiny import demo_image, tiny_config
 
-VISION = sorted(n for n, c in REGISTRY.items() if c.where == "vision")
+# vision-side methods with a `budget` option (the newer methods of issue 12 have none yet: num_image_tokens
+# refuses them with a clear error, tested below)
+VISION = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" in c.option_names())
+NO_BUDGET = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" not in c.option_names())
 IN_LLM = sorted(n for n, c in REGISTRY.items() if c.where == "llm")
 EXTREME = [(1, 4000), (4000, 1), (1, 1), (2, 3), (900, 8), (8, 900), (112, 112), (224, 112), (47, 752), (5000, 5000)]
 RATIOS = [1.0, 0.95, 0.9, 0.5, 0.25, 0.1, 1e-3, 1e-6]
@@ -392,3 +395,11 @@ def test_readme_table_formulas_for_the_other_methods():
                 opts["unpad"] = unpad
             got = globalcom2.num_image_tokens(cfg, size, method=name, retention_ratio=ratio, **opts)
             assert got == k, (name, unpad, size, ratio)
+
+
+@pytest.mark.parametrize("name", NO_BUDGET)
+def test_methods_without_a_declared_count_are_refused_clearly(name):
+    with pytest.raises(ValueError, match="does not declare a token count"):
+        globalcom2.num_image_tokens(tiny_config(), (300, 220), method=name)
+    with pytest.raises(TypeError, match="does not take option"):
+        globalcom2.make_config(name, budget="exact")

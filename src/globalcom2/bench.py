@@ -187,10 +187,15 @@ def measure(model, inputs, method: str | None, ratio: float, decode_tokens: int,
             )[0]
         layer, kind = cfg.score_source
         scores = adapter._cls_scores(tower, hs, kind, layer_idx if layer is None else layer).split(n_views)
+        extras = adapter.method_inputs(
+            model, cfg, hs, n_views, size_list, inputs["input_ids"], inputs.get("attention_mask")
+        )  # optional inputs (hidden states, keys, prompt text) of the methods that read them
         out = []
-        for f, s, size in zip(per_image, scores, size_list):
-            rec = adapter.select_image(cfg, s, size, geo)
-            out.append(torch.cat([f.flatten(0, 1), newline[None].to(f.dtype)])[rec.order])
+        for f, s, size, extra in zip(per_image, scores, size_list, extras):
+            if "features" in cfg.needs:
+                extra["features"], extra["newline"] = f, newline.to(f.dtype)
+            rec = adapter.select_image(cfg, s, size, geo, **extra)
+            out.append(adapter.emit(model, rec, f))
         return out
 
     image_feats, t_comp = _timed(compress, device)

@@ -213,7 +213,10 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     globalcom2 (and its pinned variants, random): int(N R) + sum_j int(N_j r_j) + nph * S newlines;
         the r_j depend on the image, so the uniform-allocation count sum_j int(N_j R) is returned
         (exact for ``uniform``, ``exact=False`` otherwise; the crop ratios average to R).
-    fastervlm: (1 + n) * round(N R), no newlines (FasterVLM's code).
+    fastervlm, visionzip: (1 + n) * round(N R), no newlines (their code; VisionZip's include merged tokens).
+    divprune: round(R T) of the T stock tokens; dart: 4 + 8 * (min(round(R T), T - 4) // 8) (with a prompt).
+    cdpruner: round(N R) per view less the crop picks in the padding, plus the stock newlines;
+        which picks fall in the padding depends on the image (``exact=False``: no picks lost there).
     fastv / sparsevlm: R of the stock visual tokens (int(T R); for SparseVLM the layer average).
     """
     from . import core
@@ -232,9 +235,16 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     cls = REGISTRY[method]
     if cls.where == "llm":
         return TokenCount(method, ratio, stock, int(stock * ratio), method == "fastv")
-    if method == "fastervlm":
+    if method in ("fastervlm", "visionzip"):
         return TokenCount(method, ratio, stock, (1 + n) * max(1, round(N * ratio)), True)
+    if method == "divprune":
+        return TokenCount(method, ratio, stock, max(1, int(round(ratio * stock))), True)
+    if method == "dart":
+        return TokenCount(method, ratio, stock, 4 + 8 * (min(int(round(ratio * stock)), stock - 4) // 8), True)
     top, bottom, left, right = core.unpadded_box(grid, S, size)
+    if method == "cdpruner":
+        rows = bottom - top
+        return TokenCount(method, ratio, stock, (1 + n) * max(1, round(N * ratio)) + rows, False)
     per_crop = core.box_mask((top, bottom, left, right), grid, S).sum(1)
     crops = int(core.count_kept(per_crop, ratio).sum())
     kept = int(N * ratio) + crops + grid[0] * S

@@ -83,7 +83,9 @@ def _prepare(model, input_ids, pixel_values, image_sizes, attention_mask, labels
         feats, sizes = adapter.stock_features(model, pixel_values, image_sizes, **vision_kwargs)
         records = None
     else:
-        feats, records = adapter.compress(model, cfg, pixel_values, image_sizes, **vision_kwargs)
+        feats, records = adapter.compress(
+            model, cfg, pixel_values, image_sizes, input_ids=input_ids, attention_mask=attention_mask, **vision_kwargs
+        )
         sizes = [r.image_size for r in records]
     counts = [geo.stock_tokens(s) for s in sizes]
     packed = adapter.pack(model, input_ids, attention_mask, feats, counts, labels=labels, padding_side=padding_side)

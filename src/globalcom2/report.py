@@ -52,6 +52,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 
 STOCK = "none"
 DISPLAY = {STOCK: "Stock", "globalcom2": "GlobalCom²", "fastervlm": "FasterVLM", "fastv": "FastV"}
+DISPLAY.update({"visionzip": "VisionZip", "divprune": "DivPrune", "dart": "DART", "cdpruner": "CDPruner"})
 
 
 def _key(name: str) -> str:

@@ -4,7 +4,9 @@ For one image and each (method, ratio): the thumbnail and the crop grid as the m
 (after the processor's resize and letterbox padding), dropped 14x14 patches greyed out, padding
 hatched, each crop labelled with its retention ratio and kept/total tokens, and the thumbnail's
 [CLS]-attention heat map. The kept mask is the ``ImageRecord`` of ``models.llava_next.compress``,
-the very selection the patched model runs; nothing is recomputed here.
+the very selection the patched model runs; nothing is recomputed here. Methods that emit merged
+tokens (VisionZip's contextual tokens and [CLS] tokens) show the patches they keep as they are
+(VisionZip's dominant set); the label counts the merged ones.
 
 matplotlib is an optional extra (``pip install globalcom2[viz]``) imported only when drawing.
 """
@@ -168,7 +170,11 @@ def render(
         for a in row:
             a.set_xticks([])
             a.set_yticks([])
-        row[0].set_ylabel(f"{pn.method}, R={pn.ratio:g}\n{rec.num_tokens}/{pn.stock_tokens} visual tokens", fontsize=10)
+        label = f"{pn.method}, R={pn.ratio:g}\n{rec.num_tokens}/{pn.stock_tokens} visual tokens"
+        extra = rec.selection.extra
+        if extra is not None and extra.shape[0]:  # merged / [CLS] tokens have no single patch to draw
+            label += f"\n({extra.shape[0]} merged/[CLS] not drawn)"
+        row[0].set_ylabel(label, fontsize=10)
     head = title or "Visual tokens kept (grey = dropped)"
     if random_weights:
         head += "  --  RANDOM WEIGHTS (demo model): the pattern is not meaningful"

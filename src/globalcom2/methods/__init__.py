@@ -9,10 +9,14 @@ from typing import Any
 
 from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
 from .base import ImageContext, MethodConfig, Selection, check_concrete
+from .cdpruner import CDPrunerConfig
+from .dart import DARTConfig
+from .divprune import DivPruneConfig
 from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
 from .globalcom2 import GlobalCom2Config
 from .sparsevlm import SparseVLMConfig
+from .visionzip import VisionZipConfig
 
 __all__ = [
     "ImageContext",
@@ -22,6 +26,10 @@ __all__ = [
     "FasterVLMConfig",
     "FastVConfig",
     "SparseVLMConfig",
+    "VisionZipConfig",
+    "DivPruneConfig",
+    "CDPrunerConfig",
+    "DARTConfig",
     "RandomConfig",
     "REGISTRY",
     "available_methods",
@@ -29,6 +37,7 @@ __all__ = [
 ]
 
 _ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
+_ALL += (VisionZipConfig, DivPruneConfig, DARTConfig, CDPrunerConfig)  # newer methods beside GlobalCom² (issue 12)
 REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 

@@ -26,6 +26,16 @@ class ImageContext:
     box:    (top, bottom, left, right) grid-space bounds of ``valid``, or None; it tells the rows of an
             image so thin that no column survives, which still get stock's newlines.
     image_index: position of the image in the batch (seeds the random baseline).
+
+    Optional inputs, filled by the adapter only when the method lists them in ``needs`` (so a
+    method that ranks by [CLS] scores alone pays nothing for them):
+
+    features: (1 + n, N, D_llm) projected visual features of every view (``"features"``).
+    newline:  (D_llm,) the model's image-newline embedding (given with ``"features"``).
+    hidden:   (1 + n, 1 + N, D_vis) vision hidden states of the feature layer, [CLS] first; the
+              projector of the model turns rows of it into LLM tokens (``"hidden"``).
+    keys:     (1 + n, 1 + N, d_head) keys of the score layer averaged over heads, [CLS] first (``"keys"``).
+    text:     (M, D_llm) the language model's input embeddings of the prompt's text tokens, M >= 0 (``"text"``).
     """
 
     scores: torch.Tensor
@@ -34,6 +44,11 @@ class ImageContext:
     valid: torch.Tensor
     box: tuple[int, int, int, int] | None = None
     image_index: int = 0
+    features: torch.Tensor | None = None
+    newline: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
     @property
     def thumbnail(self) -> torch.Tensor:
@@ -53,11 +68,16 @@ class Selection:
     thumb_keep:  (k0,) long, thumbnail token indices in the order they are emitted.
     crop_keep:   (n, N) bool, kept crop tokens at their true positions.
     crop_ratios: (n,) float64, retention ratio each crop was given.
+    extra:       optional (M, D_vis) vision-space tokens (merged or [CLS] tokens) that the adapter
+                 projects and appends to the source; ``order`` addresses row m as ``(1 + n) * N + 1 + m``.
+    order:       optional (T,) long, the emission order when the method decides it itself (see ``order``).
     """
 
     thumb_keep: torch.Tensor
     crop_keep: torch.Tensor
     crop_ratios: torch.Tensor
+    extra: torch.Tensor | None = None
+    order: torch.Tensor | None = None
 
 
 @dataclass
@@ -143,6 +163,8 @@ class MethodConfig:
     description: ClassVar[str] = ""
     #: "vision" prunes before the language model, "llm" inside it.
     where: ClassVar[str] = "vision"
+    #: optional ``ImageContext`` inputs the method reads: "features", "hidden", "keys", "text".
+    needs: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
 
     retention_ratio: float = 0.25
@@ -164,7 +186,9 @@ class MethodConfig:
         """Method-specific checks against the model, run by ``apply`` before patching."""
 
     def order(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
-        """Indices into ``concat(views.flatten(0, 1), newline)`` of the tokens the LLM receives."""
+        """Indices into ``concat(views.flatten(0, 1), newline, projected extra)`` of the tokens the LLM receives."""
+        if sel.order is not None:
+            return sel.order
         thumb = sel.thumb_keep
         if getattr(self, "thumbnail_order", "score") == "spatial":
             thumb = thumb.sort().values

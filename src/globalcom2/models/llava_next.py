@@ -286,6 +286,7 @@ def encode_views(
     image_sizes,
     score: str = "logits",
     score_layer: int | None = -1,
+    return_hidden: bool = False,
     **overrides,
 ):
     """Run the vision tower once over every view of every image.
@@ -294,7 +295,8 @@ def encode_views(
     score, score_layer: which [CLS] attention to return ("logits"/"softmax"; the attention of the layer
         producing ``hidden_states[score_layer]``, -1 the last layer; None means ``vision_feature_layer``).
     returns: (features, scores, sizes): per image (V_i, N, D_llm) projected features and
-        (V_i, N) [CLS] scores, plus the (height, width) of each image.
+        (V_i, N) [CLS] scores, plus the (height, width) of each image; with ``return_hidden`` also
+        the tower's hidden-state tuple (embeddings, then each layer's output) over all views.
     """
     pixel_values, sizes, n_views, layer = check_vision_inputs(model, pixel_values, image_sizes, overrides)
 
@@ -311,7 +313,103 @@ def encode_views(
         )
     with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
         scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
+    if return_hidden:
+        return list(feats.split(n_views)), list(scores.split(n_views)), sizes, hs
     return list(feats.split(n_views)), list(scores.split(n_views)), sizes
+
+
+def _layer_keys(tower: nn.Module, hidden_states: tuple, layer: int = -1) -> torch.Tensor:
+    """(V, 1 + N, d_head) float32 keys of one encoder layer averaged over heads, [CLS] first.
+
+    Recomputed from the hidden state entering that layer (``layer_norm1`` then ``k_proj``), so it
+    works under any attention kernel; VisionZip's merge metric.
+    """
+    layers = _encoder_layers(tower)
+    pos = layer % len(layers)
+    lyr = layers[pos]
+    x = lyr.layer_norm1(hidden_states[pos])  # (V, 1+N, D)
+    lin = lyr.self_attn.k_proj
+    bias = lin.bias.float() if lin.bias is not None else None
+    keys = F.linear(x.float(), lin.weight.float(), bias)  # (V, 1+N, D)
+    num_heads = getattr(lyr.self_attn, "num_heads", None) or tower.config.num_attention_heads
+    v, t, d = keys.shape
+    return keys.view(v, t, num_heads, d // num_heads).mean(dim=2)  # (V, 1+N, d_head)
+
+
+def text_embeddings(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, counts: list[int]
+) -> list[torch.Tensor | None]:
+    """Per image, (M_i, D_llm) float32 input embeddings of the text tokens of the prompt row holding it.
+
+    counts: stock placeholder tokens of each image, images in order (as ``pack`` consumes them).
+    Text tokens are the row's attended tokens that are not image placeholders (chat template
+    included). Returns None per image when the placeholders do not add up (``pack`` then raises).
+    """
+    is_img = input_ids == model.config.image_token_id  # (B, L)
+    keep = torch.ones_like(is_img) if attention_mask is None else attention_mask.bool()
+    row_ends = torch.cumsum((is_img & keep).sum(1), 0).tolist()  # placeholders up to each row's end
+    if not row_ends or row_ends[-1] != sum(counts):
+        return [None] * len(counts)
+    embed = model.get_input_embeddings()
+    out, start = [], 0
+    for c in counts:  # loop over images, not tokens
+        row = next(b for b, end in enumerate(row_ends) if start < end)
+        with torch.no_grad():
+            out.append(embed(input_ids[row][keep[row] & ~is_img[row]]).float())  # (M_i, D)
+        start += c
+    return out
+
+
+def method_inputs(
+    model: nn.Module,
+    cfg: MethodConfig,
+    hidden_states: tuple,
+    n_views: list[int],
+    sizes: list[tuple[int, int]],
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    vision_feature_layer=None,
+) -> list[dict]:
+    """Per image, the optional ``ImageContext`` inputs ``cfg.needs`` lists beyond features (hidden, keys, text).
+
+    hidden_states: the tower's hidden-state tuple over all views of all images, images in order.
+    Nothing is computed for a method that needs none of them.
+    """
+    out: list[dict] = [{} for _ in n_views]
+    needs = cfg.needs
+    layer = model.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    if "hidden" in needs:
+        hid = hidden_states[layer] if isinstance(layer, int) else torch.cat([hidden_states[i] for i in layer], dim=-1)
+        for d, h in zip(out, hid.split(n_views)):  # (V_i, 1+N, D_vis)
+            d["hidden"] = h
+    if "keys" in needs:
+        score_layer = cfg.score_source[0]
+        score_layer = layer if score_layer is None else score_layer
+        with torch.no_grad():
+            keys = _layer_keys(model.model.vision_tower, hidden_states, score_layer)  # (sum V, 1+N, d_head)
+        for d, k in zip(out, keys.split(n_views)):
+            d["keys"] = k
+    if "text" in needs and input_ids is not None:
+        geo = Geometry.from_config(model.config)
+        texts = text_embeddings(model, input_ids, attention_mask, [geo.stock_tokens(s) for s in sizes])
+        for d, t in zip(out, texts):
+            d["text"] = t
+    return out
+
+
+def emit(model: nn.Module, rec: ImageRecord, features: torch.Tensor) -> torch.Tensor:
+    """(T, D_llm) tokens the language model receives for one image. features: (V, N, D_llm).
+
+    A gather of ``concat(views.flatten(0, 1), newline)`` by ``rec.order``; methods that emit
+    vision-space tokens of their own (``Selection.extra``, e.g. merged tokens) get them projected
+    by the model's projector and appended to that source first.
+    """
+    parts = [features.flatten(0, 1), model.model.image_newline[None].to(features.device, features.dtype)]
+    extra = rec.selection.extra
+    if extra is not None and extra.shape[0]:
+        proj = model.model.multi_modal_projector
+        parts.append(proj(extra.to(features.device, features.dtype)).to(features.dtype))  # (M, D_llm)
+    return torch.cat(parts, dim=0)[rec.order.to(features.device)]
 
 
 @torch.no_grad()
@@ -327,34 +425,51 @@ def stock_features(model: nn.Module, pixel_values: torch.Tensor, image_sizes, **
     return list(out.pooler_output), sizes
 
 
-def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geometry, index: int = 0):
-    """Run the method on one image. scores: (V, N). returns an ``ImageRecord``."""
+def select_image(cfg: MethodConfig, scores: torch.Tensor, image_size, geo: Geometry, index: int = 0, **inputs):
+    """Run the method on one image. scores: (V, N); inputs: optional ``ImageContext`` fields. -> ``ImageRecord``."""
     grid = geo.grid(image_size)
     if cfg.unpad:
         box = core.unpadded_box(grid, geo.side, image_size, round_digits=cfg.unpad_rounding)
     else:
         box = (0, grid[0] * geo.side, 0, grid[1] * geo.side)
     valid = core.box_mask(box, grid, geo.side, device=scores.device)
-    ctx = ImageContext(scores=scores.float(), side=geo.side, grid=grid, valid=valid, box=box, image_index=index)
+    ctx = ImageContext(
+        scores=scores.float(), side=geo.side, grid=grid, valid=valid, box=box, image_index=index, **inputs
+    )
     sel = cfg.select(ctx)
     order = cfg.order(sel, ctx)
     return ImageRecord(tuple(image_size), grid, geo.side, valid, sel, order, scores)
 
 
-def compress(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes, **overrides):
+def compress(
+    model: nn.Module,
+    cfg: MethodConfig,
+    pixel_values: torch.Tensor,
+    image_sizes,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **overrides,
+):
     """Visual tokens for the LLM, per image, plus a record of what was kept.
 
+    input_ids, attention_mask: the prompt, read only by methods that need its text (``"text"`` in ``cfg.needs``).
     returns: (features, records): per image a (T_i, D_llm) tensor and an ``ImageRecord``.
     """
     layer, kind = cfg.score_source
-    feats, scores, sizes = encode_views(model, pixel_values, image_sizes, score=kind, score_layer=layer, **overrides)
+    feats, scores, sizes, hs = encode_views(
+        model, pixel_values, image_sizes, score=kind, score_layer=layer, return_hidden=True, **overrides
+    )
     geo = Geometry.from_config(model.config)
-    newline = model.model.image_newline
+    extras = method_inputs(
+        model, cfg, hs, [f.shape[0] for f in feats], sizes, input_ids, attention_mask,
+        overrides.get("vision_feature_layer"),
+    )  # fmt: skip
     out, records = [], []
-    for i, (f, s, size) in enumerate(zip(feats, scores, sizes)):
-        rec = select_image(cfg, s, size, geo, index=i)
-        source = torch.cat([f.flatten(0, 1), newline[None].to(f.device, f.dtype)], dim=0)
-        out.append(source[rec.order.to(f.device)])
+    for i, (f, s, size, extra) in enumerate(zip(feats, scores, sizes, extras)):
+        if "features" in cfg.needs:
+            extra["features"], extra["newline"] = f, model.model.image_newline.to(f.device, f.dtype)
+        rec = select_image(cfg, s, size, geo, index=i, **extra)
+        out.append(emit(model, rec, f))
         records.append(rec)
     return out, records
 

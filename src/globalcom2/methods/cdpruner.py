@@ -1,0 +1,150 @@
+"""CDPruner: conditional DPP over the visual tokens, conditioned on the instruction.
+
+Follows the authors' released code (github Theia-4869/CDPruner, ``llava/model/llava_arch.py``
+``encode_images`` and ``prepare_inputs_labels_for_multimodal``) on LLaVA-NeXT, view by view:
+
+* similarity: cosine between the projected features of the view's N tokens (float32);
+* relevance: cosine between each token and the instruction, negated and averaged over the text
+  embeddings, then min-max normalised (``(r - min + 1e-6) / (max - min)``) over all views;
+* kernel ``L = diag(r) S diag(r)``; every view keeps ``T = max(1, round(N R))`` tokens by the fast
+  greedy MAP of the DPP (incremental Cholesky rows, one vectorised step per chosen token,
+  batched over the views; no Python loop over tokens or kernel entries);
+* the selection runs over all N tokens of every crop (letterbox padding included); the crop mask
+  is then unpadded like the features, so tokens chosen in the padding are dropped, and the newline
+  token of every unpadded row is kept; kept thumbnail tokens first, in raster order.
+
+Departures (each with the reason and the option):
+
+* the instruction embedding: stock LLaVA-NeXT has no CLIP text tower, so relevance is measured in
+  the language model's input space instead of CLIP's: the projected visual features against the
+  LLM's own input embeddings of the prompt's text tokens (every attended non-image token of the
+  image's row, chat template included; their code embeds the bare question with CLIP's text
+  tower). ``text_pooling="mean"`` (default) averages those embeddings into one vector, as CLIP
+  gives one embedding per text; ``"tokens"`` averages the cosines over the tokens instead.
+  Without a prompt (e.g. ``compress`` called without ``input_ids``) the relevance is constant and
+  the method is the plain DPP over the similarity kernel.
+* min-max normalisation over the views of one image (theirs: over the whole batch of views, which
+  is the same for one image per batch and keeps batch == alone); a constant relevance is 1.
+* once the chosen token's gain falls to 1e-10 or below (the kernel's rank is used up: only when
+  the feature width D is below T, never at LLaVA-NeXT-7B sizes, D = 4096 >> N), the step adds no
+  Cholesky row, so the remaining picks are distinct tokens by residual gain; their code divides by
+  a zero or negative square root there and can return repeated or NaN-driven picks.
+* ``negate=True`` is their sign ``(-relevance).mean``; ``False`` ranks relevant tokens up instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ImageContext, MethodConfig, Selection, check_choice
+
+POOLINGS = ("mean", "tokens")
+
+
+def instruction_relevance(
+    feats: torch.Tensor, text: torch.Tensor | None, pooling: str = "mean", negate: bool = True
+) -> torch.Tensor:
+    """(V, N) float32 min-max normalised relevance of every token to the instruction (CDPruner).
+
+    feats: (V, N, D) projected features; text: (M, D) text embeddings, None or M = 0 -> ones.
+    """
+    v, n, _ = feats.shape
+    if text is None or text.shape[0] == 0:
+        return torch.ones(v, n, device=feats.device)
+    img = feats.float()
+    img = img / img.norm(dim=-1, keepdim=True)  # (V, N, D)
+    txt = text.float().to(feats.device)
+    if pooling == "mean":
+        txt = txt.mean(dim=0, keepdim=True)  # (1, D)
+    txt = txt / txt.norm(dim=-1, keepdim=True)  # (M, D)
+    rel = img @ txt.t()  # (V, N, M)
+    rel = (-rel if negate else rel).mean(dim=-1)  # (V, N)
+    span = rel.max() - rel.min()
+    if not bool(span > 0):
+        return torch.ones_like(rel)
+    return (rel - rel.min() + 1e-6) / span
+
+
+def dpp_greedy(kernel: torch.Tensor, t: int) -> torch.Tensor:
+    """Fast greedy MAP of a DPP per batch row. kernel: (B, N, N) PSD; returns (B, t) long, ascending."""
+    b, n, _ = kernel.shape
+    t = max(0, min(int(t), n))
+    rows = torch.arange(b, device=kernel.device)
+    cis = torch.zeros(t, b, n, dtype=kernel.dtype, device=kernel.device)  # (T, B, N) Cholesky rows
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (B, N) marginal gains
+    chosen = torch.empty(t, b, dtype=torch.long, device=kernel.device)
+    for i in range(t):  # one step per chosen token, vectorised over tokens and views
+        j = di2s.argmax(dim=-1)  # (B,)
+        chosen[i] = j
+        proj = torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])  # (B, N)
+        pivot = di2s[rows, j]  # (B,) gain of the chosen token
+        eis = (kernel[rows, j] - proj) / pivot.clamp(min=1e-10).sqrt().unsqueeze(-1)  # (B, N)
+        eis = torch.where((pivot > 1e-10).unsqueeze(-1), eis, torch.zeros_like(eis))  # kernel exhausted: no update
+        cis[i] = eis
+        di2s = di2s - eis.square()
+        di2s[rows, j] = -float("inf")
+    return chosen.t().sort(dim=1).values
+
+
+@dataclass(frozen=True)
+class CDPrunerConfig(MethodConfig):
+    """CDPruner options.
+
+    retention_ratio: R in (0, 1]; every view keeps ``T = max(1, round(N R))`` tokens before unpadding.
+    text_pooling: "mean" (one instruction vector, like CLIP's text embedding) or "tokens".
+    negate: CDPruner's sign of the relevance (True, theirs) or the opposite.
+    """
+
+    name = "cdpruner"
+    description = "CDPruner: per view, conditional DPP (diversity x instruction relevance), greedy MAP"
+    paper = "CDPruner (Zhang et al., 2025)"
+    needs = frozenset({"features", "text"})
+
+    text_pooling: str = "mean"
+    negate: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("text_pooling", self.text_pooling, POOLINGS)
+        if not isinstance(self.negate, bool):
+            raise TypeError(f"negate must be True or False, got {self.negate!r}")
+
+    @property
+    def layout_name(self) -> str:
+        """Stock layout: unpadded rows, one newline each."""
+        return "spatial"
+
+    @property
+    def unpad_rounding(self) -> int | None:
+        """Their ``unpad_image`` truncates (``int``)."""
+        return None
+
+    @property
+    def thumbnail_order(self) -> str:
+        """Kept thumbnail tokens in raster order."""
+        return "spatial"
+
+    def kernel(self, ctx: ImageContext) -> torch.Tensor:
+        """(V, N, N) float32 conditional DPP kernel ``r_i cos(x_i, x_j) r_j`` of every view."""
+        if ctx.features is None:
+            raise ValueError("cdpruner needs the projected features (ImageContext.features)")
+        feats = ctx.features.detach()  # (V, N, D)
+        x = feats / feats.norm(dim=-1, keepdim=True)
+        x = x.float()
+        sim = x @ x.transpose(1, 2)  # (V, N, N)
+        rel = instruction_relevance(feats, ctx.text, self.text_pooling, self.negate)  # (V, N)
+        return rel[:, :, None] * sim * rel[:, None, :]
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """T tokens per view by the conditional DPP; crop tokens in the padding are then dropped."""
+        v, n_tok = ctx.scores.shape
+        t = min(max(1, round(n_tok * self.retention_ratio)), n_tok)
+        with torch.no_grad():
+            chosen = dpp_greedy(self.kernel(ctx), t)  # (V, T)
+        keep = torch.zeros(v, n_tok, dtype=torch.bool, device=chosen.device).scatter_(1, chosen, True)
+        valid = ctx.valid.to(keep.device)
+        crop_keep = keep[1:] & valid
+        ratios = (crop_keep.sum(1).double() / valid.sum(1).clamp(min=1).double()).cpu()
+        return Selection(chosen[0], crop_keep, ratios)

@@ -1,0 +1,140 @@
+"""DivPrune: keep the most diverse visual tokens (greedy max-min on cosine distance).
+
+Follows the authors' released code (github vbdi/divprune, ``LLaVA/llava/model/llava_arch.py``,
+``DivPrune`` and its call in ``prepare_inputs_labels_for_multimodal``) on LLaVA-1.6:
+
+* the candidates are the image's visual tokens exactly as stock LLaVA-NeXT feeds them to the
+  language model: projected thumbnail tokens, unpadded crop tokens and the newline token after
+  every unpadded row, in that order (``granularity="image"``);
+* ``K = round(R T)`` of the ``T`` candidates are kept (their ``int(round(SUBSET_RATIO * len))``),
+  so the language model receives R of the stock count;
+* distance is ``1 - cos`` between projected features; the first token is the one whose nearest
+  other token is farthest (second smallest entry of its column), then each step adds the token
+  whose minimum distance to the tokens chosen so far is largest (max-min / farthest point);
+* the kept tokens are emitted in their stock order (their ``keep_indexs.sort()``).
+
+Departures (each with the reason and the option):
+
+* a token already chosen is never chosen again (its score is set to -inf); their code leaves
+  its self-distance (about 0) in the minimum, so it could be picked twice only once every other
+  candidate duplicates a chosen one (e.g. the identical newline tokens near R = 1);
+* distances are float32 (their run is float16), so near-ties may break differently;
+* ``granularity="view"`` (not in their code) runs the same greedy inside each view (thumbnail,
+  every crop's unpadded tokens) with ``round(R n_v)`` tokens each and emits them in raster order
+  without newline tokens, so the count is R of the stock count less about R x (newline rows);
+  the default ``"image"`` is theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import core
+from .base import ImageContext, MethodConfig, Selection, check_choice
+
+GRANULARITIES = ("image", "view")
+
+
+def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """(T, T) float32 ``1 - cos`` between the rows of x: (T, D), normalised as DivPrune does.
+
+    The Gram matrix is symmetric: only blocks on and above the diagonal are multiplied (about
+    half the FLOPs of the full product; the cost that dominates DivPrune at LLaVA-NeXT sizes).
+    """
+    x = x.float()
+    normed = x / x.norm(dim=1, keepdim=True)  # (T, D)
+    t = normed.shape[0]
+    gram = torch.empty(t, t, dtype=normed.dtype, device=normed.device)
+    for s in range(0, t, block):  # loop over row blocks, not tokens
+        e = min(s + block, t)
+        rows = normed[s:e] @ normed[s:].t()  # (b, T - s)
+        gram[s:e, s:] = rows
+        gram[s:, s:e] = rows.t()
+    return gram.neg_().add_(1.0)
+
+
+def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min subset of k rows of x: (T, D). returns (k,) long, in the order chosen.
+
+    One vectorised step per chosen token (the greedy is sequential); no per-token Python work.
+    """
+    t = x.shape[0]
+    k = max(0, min(int(k), t))
+    chosen = torch.empty(k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return chosen
+    dist = cosine_distance(x)  # (T, T)
+    if t == 1:
+        return chosen.zero_()
+    score = dist.topk(2, dim=0, largest=False).values[1]  # (T,) distance to the nearest other token
+    nearest = torch.full((t,), float("inf"), device=x.device)  # (T,) min distance to the chosen set
+    for i in range(k):
+        j = score.argmax()
+        chosen[i] = j
+        torch.minimum(nearest, dist[j], out=nearest)  # (T,)
+        nearest[j] = -float("inf")  # a chosen token stays at -inf: min(-inf, d) = -inf
+        score = nearest
+    return chosen
+
+
+@dataclass(frozen=True)
+class DivPruneConfig(MethodConfig):
+    """DivPrune options.
+
+    retention_ratio: R in (0, 1]; ``round(R T)`` of the T stock visual tokens are kept.
+    granularity: "image" (DivPrune's code: one greedy over the whole stock sequence, newlines
+        included) or "view" (one greedy per view, ``round(R n_v)`` each, no newlines).
+    """
+
+    name = "divprune"
+    description = "DivPrune: greedy max-min diversity of the projected visual tokens (cosine distance)"
+    paper = "DivPrune (Alvar et al., CVPR 2025)"
+    needs = frozenset({"features"})
+
+    granularity: str = "image"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("granularity", self.granularity, GRANULARITIES)
+
+    @property
+    def layout_name(self) -> str:
+        """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
+        return "spatial"
+
+    def _count(self, t: int) -> int:
+        return min(max(int(round(self.retention_ratio * t)), 1), t) if t else 0
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """The most diverse tokens of the image (or of each view), emitted in stock order."""
+        if ctx.features is None or ctx.newline is None:
+            raise ValueError("divprune needs the projected features (ImageContext.features/newline)")
+        feats = ctx.features.detach()  # (V, N, D)
+        v, n_tok = ctx.scores.shape
+        dev = feats.device
+        valid = ctx.valid.to(dev)
+        with torch.no_grad():
+            if self.granularity == "image":
+                stock = core.assemble_order(
+                    torch.arange(n_tok, device=dev), valid, valid, ctx.grid, ctx.side, "spatial"
+                )  # (T,) stock sequence as indices into concat(views, newline)
+                source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])
+                chosen = max_min_diverse(source[stock], self._count(stock.numel()))
+                order = stock[chosen.sort().values]
+            else:
+                keep = torch.zeros(v, n_tok, dtype=torch.bool, device=dev)
+                cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=dev), valid])  # (V, N)
+                for view in range(v):  # one greedy per view
+                    pos = cand[view].nonzero().squeeze(1)
+                    keep[view, pos[max_min_diverse(feats[view, pos], self._count(pos.numel()))]] = True
+                thumb = keep[0].nonzero().squeeze(1)
+                order = core.assemble_order(thumb, keep[1:], valid, ctx.grid, ctx.side, "flat")
+        n_views = v * n_tok
+        kept = torch.zeros(n_views, dtype=torch.bool, device=dev)
+        kept[order[order < n_views]] = True
+        kept = kept.view(v, n_tok)
+        thumb_keep = order[order < n_tok]
+        ratios = (kept[1:].sum(1).double() / valid.sum(1).clamp(min=1).double()).cpu()
+        return Selection(thumb_keep, kept[1:], ratios, order=order)

@@ -1,0 +1,146 @@
+"""VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.
+
+Follows the authors' released code (github dvlab-research/VisionZip, ``visionzip/clip_encoder.py``,
+``utils.py`` and the LLaVA-NeXT path in ``llava_arch.py``), view by view:
+
+* every view (thumbnail and each crop) keeps ``K = max(1, round(N R))`` tokens, split as their
+  ``visionzip(model, dominant=54, contextual=10)`` split 64 (and 108+20, 162+30): ``C =
+  round(K * 10 / 64)`` contextual tokens and ``K - C`` dominant tokens, the [CLS] token counted
+  among the dominant ones;
+* dominant: the [CLS] token and the ``K - C - 1`` patches with the largest [CLS] attention
+  probabilities (summed over heads; here averaged, the same ranking) of the feature layer
+  (``vision_feature_layer``, -2), taken from that layer's output hidden states in index order;
+* contextual: the remaining patches, compared by their keys of the same layer averaged over
+  heads and L2-normalised; every ``max(1, M // C)``-th one (the first C) is a target, every other
+  token joins its most similar target, and a contextual token is the target's hidden state plus
+  the mean hidden state of the tokens that joined it;
+* all tokens are projected by the model's projector and emitted as their LLaVA-NeXT path does:
+  the thumbnail's [CLS], dominant and contextual tokens, then the crops' dominant tokens in
+  raster order of the whole (padded) crop grid, then each crop's [CLS] token, then each crop's
+  contextual tokens; no unpadding, no newline tokens.
+
+The language model therefore receives ``(1 + n) K`` visual tokens (``K`` = 64 per view gives the
+paper's 320 of 2880 on a 2x2 grid).
+
+Departures from their code (each with the reason):
+
+* the [CLS] attention and the keys are recomputed in float32 from the hidden state entering the
+  layer (``layer_norm1``, ``q_proj``/``k_proj``), so any attention kernel works (their code needs
+  eager attention maps and patches ``CLIPAttention.forward`` for every model in the process);
+  near-ties may rank differently from their half-precision run.
+* the hidden states are merged and projected per image instead of over the whole batch, so a
+  batch gives the same tokens as each image alone (the projector sees the same rows).
+* ``contextual_share`` (default 10/64, theirs) and R replace their fixed ``dominant``/``contextual``
+  counts; ``K = 64`` reproduces ``dominant=54, contextual=10`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import core
+from .base import ImageContext, MethodConfig, Selection, check_number
+
+
+def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
+    """(dominant incl. [CLS], contextual) tokens of a view that keeps ``k``: 64 -> (54, 10) at share 10/64."""
+    c = int(round(k * contextual_share))
+    c = min(c, k - 1) if k > 1 else 0
+    return k - c, c
+
+
+def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, c: int) -> torch.Tensor:
+    """Contextual tokens of every view, VisionZip's key-similarity merge.
+
+    hidden: (V, 1 + N, D) hidden states; keys: (V, 1 + N, d) merge metric; rest: (V, M) long,
+    positions (in the 1 + N sequence, ascending) of the tokens that are not dominant; c >= 1.
+    returns: (V, c, D) target hidden state + mean hidden state of the tokens assigned to it.
+    """
+    v, m = rest.shape
+    metric = keys.gather(1, rest[..., None].expand(v, m, keys.shape[-1]))  # (V, M, d)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    h = hidden.gather(1, rest[..., None].expand(v, m, hidden.shape[-1]))  # (V, M, D)
+    step = max(1, m // c)
+    target = torch.arange(0, m, step, device=rest.device)[:c]  # (c,)
+    is_target = torch.zeros(m, dtype=torch.bool, device=rest.device)
+    is_target[target] = True
+    others = (~is_target).nonzero().squeeze(1)  # (M - c,)
+    sim = torch.bmm(metric[:, others], metric[:, target].transpose(1, 2))  # (V, M - c, c)
+    assign = F.one_hot(sim.argmax(dim=2), c).to(h.dtype)  # (V, M - c, c)
+    counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (V, c, 1)
+    merged = torch.bmm(assign.transpose(1, 2), h[:, others]) / counts  # (V, c, D)
+    return h[:, target] + merged
+
+
+@dataclass(frozen=True)
+class VisionZipConfig(MethodConfig):
+    """VisionZip options.
+
+    retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens.
+    contextual_share: share of K given to merged contextual tokens, ``C = round(K share)``
+        (VisionZip's 10 of 64).
+    """
+
+    name = "visionzip"
+    description = "VisionZip: per view, dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
+    paper = "VisionZip (Yang et al., CVPR 2025)"
+    needs = frozenset({"hidden", "keys"})
+
+    contextual_share: float = 10 / 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("contextual_share", self.contextual_share, 0.0, 1.0, low_open=False, high_open=True)
+
+    @property
+    def score_source(self) -> tuple[int | None, str]:
+        """Attention probabilities of the feature layer, like VisionZip's ``attentions[-2]``."""
+        return None, "softmax"
+
+    @property
+    def unpad(self) -> bool:
+        """VisionZip's LLaVA-NeXT path keeps the padded crop grid."""
+        return False
+
+    def view_budget(self, n_tokens: int) -> int:
+        """Tokens kept of a view with ``n_tokens`` patches."""
+        return min(max(1, round(n_tokens * self.retention_ratio)), n_tokens)
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """Dominant + contextual tokens of every view, emitted in VisionZip's LLaVA-NeXT order."""
+        if ctx.hidden is None or ctx.keys is None:
+            raise ValueError("visionzip needs the feature layer's hidden states and keys (ImageContext.hidden/keys)")
+        scores = ctx.scores  # (V, N)
+        v, n_tok = scores.shape
+        n = v - 1
+        k = self.view_budget(n_tok)
+        n_dom, c = visionzip_split(k, self.contextual_share)
+        with torch.no_grad():
+            top = scores.topk(n_dom - 1, dim=1).indices.sort(dim=1).values  # (V, n_dom - 1) patch indices
+            keep = torch.zeros(v, n_tok, dtype=torch.bool, device=scores.device)
+            keep.scatter_(1, top, True)  # (V, N) dominant patches
+        hidden = ctx.hidden  # (V, 1+N, D_vis)
+        cls = hidden[:, 0]  # (V, D_vis)
+        if c > 0:
+            rest = (~keep).nonzero()[:, 1].view(v, n_tok - (n_dom - 1)) + 1  # (V, M) positions in 1+N
+            ctx_tokens = merge_contextual(hidden, ctx.keys.to(hidden.device), rest.to(hidden.device), c)
+        else:
+            ctx_tokens = hidden.new_zeros(v, 0, hidden.shape[-1])
+        # extra rows: [CLS_0, ctx_0 (c), CLS_1..n, ctx_1..n (n c)]
+        extra = torch.cat([cls[:1], ctx_tokens[0], cls[1:], ctx_tokens[1:].flatten(0, 1)], dim=0)
+        base = v * n_tok + 1  # first extra row in the source
+        dev = scores.device
+        ar = torch.arange
+        thumb = top[0]
+        crops = core.assemble_order(thumb[:0], keep[1:], ctx.valid, ctx.grid, ctx.side, "flat")
+        order = torch.cat([
+            base + ar(1, device=dev), thumb, base + 1 + ar(c, device=dev),  # thumbnail: [CLS], dominant, contextual
+            crops,  # crops' dominant tokens, raster order of the whole grid
+            base + 1 + c + ar(n, device=dev),  # crops' [CLS]
+            base + 1 + c + n + ar(n * c, device=dev),  # crops' contextual tokens
+        ])  # fmt: skip
+        ratios = torch.full((n,), k / n_tok, dtype=torch.float64)
+        return Selection(thumb, keep[1:], ratios, extra=extra, order=order)

@@ -1,0 +1,65 @@
+"""A slow oracle of what the authors' released CDPruner code keeps on LLaVA-NeXT.
+
+Written from the behaviour of Theia-4869/CDPruner (``llava/model/llava_arch.py``: the kernel and
+greedy MAP of ``encode_images``, the mask unpadding of ``prepare_inputs_labels_for_multimodal``),
+kept naive: the greedy MAP is done the slow way, by trying every candidate and taking the one
+whose kernel submatrix has the largest determinant (float64), and the layout by loops over rows.
+
+Input: projected features (V, N, D), one text embedding per text token (M, D), the crop grid,
+the image size (height, width), tokens per view T and the newline embedding. Output: (T', D).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_kernel(feats, text):
+    x = feats.double() / feats.double().norm(dim=-1, keepdim=True)
+    sim = x @ x.transpose(1, 2)
+    t = text.double().mean(0)
+    rel = -(x @ (t / t.norm()))  # (V, N): one pooled instruction vector
+    rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
+    return rel[:, :, None] * sim * rel[:, None, :]
+
+
+def greedy_map(kernel, t):
+    chosen = []
+    n = kernel.shape[0]
+    for _ in range(t):
+        best, best_det = None, None
+        for c in range(n):
+            if c in chosen:
+                continue
+            idx = chosen + [c]
+            det = float(torch.det(kernel[idx][:, idx]))
+            if best_det is None or det > best_det:
+                best, best_det = c, det
+        chosen.append(best)
+    return sorted(chosen)
+
+
+def reference_tokens(feats, text, grid, image_hw, t, newline):
+    v, n, d = feats.shape
+    side = int(n**0.5)
+    kernel = reference_kernel(feats, text)
+    keep = [greedy_map(kernel[i], t) for i in range(v)]
+    out = [feats[0][p] for p in keep[0]]
+    nph, npw = grid
+    H, W = image_hw
+    ch, cw = nph * side, npw * side
+    top, bottom, left, right = 0, ch, 0, cw
+    if W / H > cw / ch:
+        pad = (ch - int(H * (cw / W))) // 2
+        top, bottom = pad, ch - pad
+    else:
+        pad = (cw - int(W * (ch / H))) // 2
+        left, right = pad, cw - pad
+    for row in range(top, bottom):
+        for col in range(left, right):
+            crop = (row // side) * npw + col // side
+            pos = (row % side) * side + col % side
+            if pos in keep[1 + crop]:
+                out.append(feats[1 + crop][pos])
+        out.append(newline)
+    return torch.stack(out)
