@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH="${TORCH:-2.13.0}"                       # lowest and newest torch tested (see README, "Supported versions")
-FLOOR_TRANSFORMERS="${FLOOR_TRANSFORMERS:-5.0.0}"   # lowest transformers the suite passes on (measured)
+FLOOR_TRANSFORMERS="${FLOOR_TRANSFORMERS:-5.0.0}"  # lowest transformers the suite passes on (measured)
 PYTHON="${PYTHON:-python3}"
 
 lock() {  # lock NAME [extra requirement...]
