@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,26 @@ def test_shipped_locks_are_complete_pins(name):
     assert {"torch", "transformers", "tokenizers", "filelock", "lmms-eval", "pytest", "ruff"} <= set(pins)
     assert "torchvision" not in pins  # PyPI's CUDA-linked build breaks imports next to a CPU torch
     assert tuple(int(part) for part in pins["filelock"].split(".")[:2]) < (4, 3)  # the eval extra's bound
+
+
+def _release(version: str, width: int = 3) -> tuple[int, ...]:
+    """``"2.13"`` / ``"2.13.0+cpu"`` -> ``(2, 13, 0)``: the release part, zero-padded."""
+    parts = [int(p) for p in version.split("+")[0].split(".")]
+    return tuple(parts + [0] * (width - len(parts)))
+
+
+def test_declared_floors_are_what_the_floor_lock_tests():
+    """pyproject's lower bounds for torch and transformers are exactly the versions CI's floor run installs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = check_lock.read_lock((ROOT / "requirements" / "floor.lock.txt").read_text())
+    newest = check_lock.read_lock((ROOT / "requirements" / "ci.lock.txt").read_text())
+    declared = {re.match(r"[A-Za-z0-9_.-]+", d).group(0): d for d in project["dependencies"]}
+    for name in ("torch", "transformers"):
+        lower = re.search(r">=\s*([0-9.]+)", declared[name]).group(1)
+        assert _release(floor[name]) == _release(lower), (name, declared[name], floor[name])
+        assert _release(floor[name]) <= _release(newest[name])
+    assert "<6" in declared["transformers"] and _release(newest["transformers"])[0] == 5
+    assert "tokenizers" in declared  # globalcom2.tiny imports it
+    assert "filelock<4.3" in project["optional-dependencies"]["eval"]  # lmms-eval 0.7.3 imports filelock._api
