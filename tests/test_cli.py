@@ -15,6 +15,19 @@ def test_demo_prints_counts_ratios_and_timing(capsys, tmp_path):
     assert "speedup x" in out and "generate:" in out
 
 
+def test_demo_without_matplotlib_prints_how_to_get_the_picture(capsys, tmp_path, monkeypatch):
+    """No viz extra: the demo still runs, writes no picture and says which extra draws it."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    out_png = tmp_path / "demo.png"
+    assert cli.main(["demo", "--ratio", "0.5", "--repeats", "1", "--out", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    assert "generate:" in out and not out_png.exists()
+    (line,) = [ln for ln in out.splitlines() if "no picture" in ln]
+    assert 'pip install "globalcom2[viz]"' in line
+
+
 def test_methods_lists_registry(capsys):
     assert cli.main(["methods"]) == 0
     assert "globalcom2" in capsys.readouterr().out

@@ -385,9 +385,37 @@ def cli_run(ckpt, tmp_path_factory) -> Path:
     ]
     env = _env(_entry_point_dir(root / "ep"), cache=root / "cache")
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results,) = out.rglob("*_results.json")
-    return results
+    return _results_file(proc, out)
+
+
+def _results_file(proc: subprocess.CompletedProcess, out: Path) -> Path:
+    """The one results file an lmms-eval CLI run wrote under ``out``, or a failure showing the run's output.
+
+    lmms-eval logs an evaluation error (e.g. an ImportError inside a dependency) and still exits 0, so a
+    missing file is the only sign: the failure then shows the tail of its stderr, where the cause is.
+    """
+    tail = f"\n--- stdout (tail) ---\n{proc.stdout[-2000:]}\n--- stderr (tail) ---\n{proc.stderr[-4000:]}"
+    if proc.returncode != 0:
+        pytest.fail(f"lmms-eval exited with {proc.returncode}{tail}")
+    found = sorted(out.rglob("*_results.json"))
+    if len(found) != 1:
+        pytest.fail(f"lmms-eval exited 0 but wrote {len(found)} *_results.json files under {out} (want 1){tail}")
+    return found[0]
+
+
+def test_a_run_without_results_shows_lmms_evals_stderr(tmp_path):
+    """What lmms-eval did with filelock 4.3: exit 0, no results file, the cause only in its log."""
+    cause = "ModuleNotFoundError: No module named 'filelock._api'"
+    proc = subprocess.CompletedProcess(["lmms_eval"], 0, stdout="", stderr="x" * 9000 + f"ERROR | {cause}\n")
+    with pytest.raises(pytest.fail.Exception, match="wrote 0 \\*_results.json files") as err:
+        _results_file(proc, tmp_path)
+    assert cause in str(err.value)
+    failed = subprocess.CompletedProcess(["lmms_eval"], 2, stdout="", stderr="usage: lmms_eval ...\n")
+    with pytest.raises(pytest.fail.Exception, match="exited with 2(.|\n)*usage: lmms_eval"):
+        _results_file(failed, tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x_results.json").write_text("{}")
+    assert _results_file(proc, tmp_path) == tmp_path / "run" / "x_results.json"
 
 
 def test_lmms_eval_cli_writes_results_with_the_expected_metrics(cli_run):

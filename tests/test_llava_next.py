@@ -149,19 +149,25 @@ def test_batch_of_mixed_sizes_matches_each_sample_alone(model, processor, images
 
 
 def test_forward_batch_matches_single_logits(model, processor, images):
+    """Each row of a batch gets the logits it gets alone, whatever the compressed lengths come out at."""
     globalcom2.apply(model, retention_ratio=0.5)
-    batch = make_inputs(processor, images[:2], [PROMPT, "USER: <image>\nwhat color ? ASSISTANT:"])
-    seen, handle = lm_inputs(model)
-    with torch.no_grad():
-        logits = model(**batch).logits[:, -1]
-    handle.remove()
-    _, mask, positions = seen[0]
-    assert not bool(mask.all())  # the two compressed prompts differ in length: left padding
-    assert torch.equal(positions[mask.bool()], torch.cat([torch.arange(int(m.sum())) for m in mask]))
-    with torch.no_grad():
-        for i, prompt in enumerate([PROMPT, "USER: <image>\nwhat color ? ASSISTANT:"]):
-            alone = model(**make_inputs(processor, [images[i]], [prompt])).logits[:, -1]
-            assert torch.allclose(alone[0], logits[i], atol=1e-5)
+    long_prompt = "USER: <image>\nwhat color is the sky in the picture on the left ? ASSISTANT:"
+    # two different images (their compressed lengths depend on the random weights and may be equal), and one
+    # image twice with prompts of different lengths: identical visual tokens, so the rows surely need padding
+    cases = [(images[:2], [PROMPT, "USER: <image>\nwhat color ? ASSISTANT:"]), ([images[0]] * 2, [PROMPT, long_prompt])]
+    for case, (imgs, prompts) in enumerate(cases):
+        seen, handle = lm_inputs(model)
+        with torch.no_grad():
+            logits = model(**make_inputs(processor, imgs, prompts)).logits[:, -1]
+        handle.remove()
+        _, mask, positions = seen[0]
+        if case == 1:
+            assert not bool(mask.all())  # left padding is exercised
+        assert torch.equal(positions[mask.bool()], torch.cat([torch.arange(int(m.sum())) for m in mask]))
+        with torch.no_grad():
+            for i, (image, prompt) in enumerate(zip(imgs, prompts)):
+                alone = model(**make_inputs(processor, [image], [prompt])).logits[:, -1]
+                assert torch.allclose(alone[0], logits[i], atol=1e-5), (case, i)
 
 
 def test_labels_are_shortened_with_the_sequence(model, processor):

@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="offline demo on a tiny random-weight LLaVA-NeXT")
     _add_method_args(p)
-    p.add_argument("--out", default="globalcom2-demo.png", help="where to save the picture of kept tokens")
+    p.add_argument(
+        "--out",
+        default="globalcom2-demo.png",
+        help="where to save the picture of kept tokens (needs the viz extra: matplotlib)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats for the prefill ratio")
     p.set_defaults(func=_demo)
 

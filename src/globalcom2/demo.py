@@ -80,13 +80,21 @@ def run_demo(method: str = "globalcom2", ratio: float = 0.25, out: str | None = 
     print(f"generate: {new.shape[1]} new tokens: {processor.batch_decode(new, skip_special_tokens=True)[0]!r}")
     remove(model)
 
-    if out:
-        try:
-            from .viz import render
-        except ImportError as err:  # matplotlib is an optional extra
-            print(f"(no picture: {err})")
-        else:
-            fig = render(model, processor, image, method=method, ratio=ratio, random_weights=True)
-            fig.savefig(out, dpi=110, bbox_inches="tight")
-            print(f"picture of the kept tokens: {out}")
+    if out and not _have_matplotlib():
+        print(f'no picture ({out}): matplotlib is not installed; pip install "globalcom2[viz]" adds it')
+    elif out:
+        from .viz import render
+
+        fig = render(model, processor, image, method=method, ratio=ratio, random_weights=True)
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+        print(f"picture of the kept tokens: {out}")
     return 0
+
+
+def _have_matplotlib() -> bool:
+    """Whether the optional ``viz`` extra's matplotlib imports."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -114,14 +114,29 @@ def tiny_model(
     return model.eval()
 
 
+def pil_image_processor_class() -> type:
+    """LLaVA-NeXT's PIL/NumPy image processor class, whichever name this ``transformers`` gives it.
+
+    ``LlavaNextImageProcessorPil`` (module ``image_processing_pil_llava_next``) first ships in
+    transformers 5.4.0; before that the PIL/NumPy processor is ``LlavaNextImageProcessor`` itself
+    (5.4 gave that name to the torchvision backend, which needs torchvision).
+    """
+    try:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    except ImportError:  # transformers < 5.4
+        from transformers import LlavaNextImageProcessor
+
+        return LlavaNextImageProcessor
+    return LlavaNextImageProcessorPil
+
+
 def tiny_processor(image_size: int = 112, patch_size: int = 14, pinpoints: list[list[int]] | None = None):
     """A ``LlavaNextProcessor`` matching ``tiny_config`` (PIL image backend, local tokenizer)."""
     from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     s = image_size
     pinpoints = pinpoints or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = pil_image_processor_class()(
         size={"shortest_edge": s},
         crop_size={"height": s, "width": s},
         image_grid_pinpoints=pinpoints,
