@@ -35,6 +35,7 @@ PROMPT = "USER: <image>\nwhat is this ? ASSISTANT:"
 MAX_TOKENS = 8
 COMPRESSED = {"method": "globalcom2", "retention_ratio": 0.25}  # budget="exact" is forced by the plugin
 NEUTRAL = {"method": "globalcom2", "retention_ratio": 1.0, "thumbnail_order": "spatial", "layout": "spatial"}
+TINY = {"text_heads": 2}  # head_dim 32: the smallest vLLM's CPU attention supports
 SIZES = [(220, 300), (400, 150), (120, 500)]  # (height, width): three AnyRes grids and paddings
 
 
@@ -77,7 +78,9 @@ def _close(llm) -> None:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     """The tiny random LLaVA-NeXT (fp32) with its processor, saved in the llava-hf weight layout."""
-    return save_llava_hf_checkpoint(tiny_model(seed=0), tiny_processor(), tmp_path_factory.mktemp("vllm") / "tiny")
+    return save_llava_hf_checkpoint(
+        tiny_model(seed=0, **TINY), tiny_processor(), tmp_path_factory.mktemp("vllm") / "tiny"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def compressed(ckpt, neutral):
 
 def _hf_tokens(options: dict, img) -> list[int]:
     """Greedy new tokens of the HF path (``globalcom2.apply`` with budget="exact") for one image."""
-    model, processor = tiny_model(seed=0), tiny_processor()
+    model, processor = tiny_model(seed=0, **TINY), tiny_processor()
     opts = {k: v for k, v in options.items() if k != "method"}
     globalcom2.apply(model, options["method"], budget="exact", **opts)
     inputs = processor(images=[img], text=[PROMPT], return_tensors="pt")
@@ -135,7 +138,7 @@ def test_register_is_idempotent_and_entry_point_is_declared():
 
 
 def test_method_config_forces_exact_budget_and_rejects_what_vllm_cannot_serve():
-    cfg = tiny_config()
+    cfg = tiny_config(**TINY)
     cfg.globalcom2 = {"retention_ratio": 0.25}
     assert method_config(cfg).budget == "exact"  # GlobalCom²'s count depends on the pixels otherwise
     cfg.globalcom2 = {"method": "fastervlm", "retention_ratio": 0.25}
@@ -174,7 +177,7 @@ def test_ratio_one_neutral_options_give_stock_vllm_tokens(stock, neutral):
 
 
 def test_prompt_tokens_are_the_library_count(stock, compressed):
-    cfg = tiny_config()
+    cfg = tiny_config(**TINY)
     geo, image_token = Geometry.from_config(cfg), cfg.image_token_id
     cfg.globalcom2 = COMPRESSED
     out = _generate(compressed, _images())
