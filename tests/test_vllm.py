@@ -137,37 +137,6 @@ def test_register_is_idempotent_and_entry_point_is_declared():
     assert eps.get("globalcom2") == "globalcom2.integrations.vllm:register"
 
 
-def test_method_config_forces_exact_budget_and_rejects_what_vllm_cannot_serve():
-    cfg = tiny_config(**TINY)
-    cfg.globalcom2 = {"retention_ratio": 0.25}
-    assert method_config(cfg).budget == "exact"  # GlobalCom²'s count depends on the pixels otherwise
-    cfg.globalcom2 = {"method": "fastervlm", "retention_ratio": 0.25}
-    assert method_config(cfg).name == "fastervlm"
-    cfg.globalcom2 = {"budget": "authors"}
-    with pytest.raises(ValueError, match="budget='exact'"):
-        method_config(cfg)
-    cfg.globalcom2 = {"method": "fastv"}
-    with pytest.raises(ValueError, match="inside the language model"):
-        method_config(cfg)
-    cfg.globalcom2 = {"retention_ratio": 0.25, "alpah": 0.5}
-    with pytest.raises(TypeError, match="alpah"):
-        method_config(cfg)
-    cfg.globalcom2 = "globalcom2"
-    with pytest.raises(TypeError, match="dict"):
-        method_config(cfg)
-
-
-def test_checkpoint_uses_the_llava_hf_layout(ckpt):
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
-        names = set(f.keys())
-    last = tiny_config().vision_config.num_hidden_layers - 1
-    assert f"vision_tower.vision_model.encoder.layers.{last}.self_attn.q_proj.weight" in names
-    assert not any(n.startswith("vision_tower.embeddings") for n in names)
-    assert json.load(open(os.path.join(ckpt, "config.json")))["architectures"] == ["LlavaNextForConditionalGeneration"]
-
-
 # ------------------------------------------------------------------------------------------ offline
 
 
