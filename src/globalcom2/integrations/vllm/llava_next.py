@@ -121,7 +121,9 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         if image_input["type"] == "image_embeds":
             return image_input["data"]
         pixel_values = image_input["pixel_values"]  # (B, V_max, C, H, W) or B x (V_i, C, H, W)
-        sizes = [tuple(int(x) for x in s) for s in image_input["image_sizes"].tolist()]
+        if image_input.get("image_sizes") is None:
+            raise ValueError("image_sizes are required: the token selection depends on each image's (height, width)")
+        sizes = [tuple(int(x) for x in s) for s in torch.as_tensor(image_input["image_sizes"]).tolist()]
         geo, cfg = self._geometry, self.globalcom2_config
         n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
         views = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)])  # (sum V_i, C, H, W)
