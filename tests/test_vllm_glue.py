@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,11 @@ def test_importing_the_plugin_does_not_import_vllm():
     import sys
 
     code = "import sys, globalcom2, globalcom2.integrations.vllm; print('vllm' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import globalcom2
+
+    src = str(Path(globalcom2.__file__).resolve().parents[1])  # the globalcom2 under test, not another install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
     assert callable(plugin.register)
 
