@@ -1,0 +1,43 @@
+"""The ``globalcom2`` key of a vLLM model's ``hf_overrides``: parsed and validated once, without vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...budget import num_image_tokens
+from ...methods import MethodConfig, make_config
+
+ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
+KEY = "globalcom2"
+
+
+def method_config(hf_config: Any) -> MethodConfig:
+    """The method config a served model runs with, from ``hf_config.globalcom2`` (a dict of ``apply`` options).
+
+    ``{"method": name, **options}``; a missing key means ``{"method": "globalcom2"}`` with its defaults.
+    A serving engine fixes each image's placeholder count from its size before the model runs, so:
+    methods that prune inside the language model are refused, and for a method whose count depends on
+    the pixels (GlobalCom² and ``random`` with a non-uniform allocation, the Table I crop-dropping
+    variants) ``budget`` defaults to ``"exact"`` here; an explicit ``budget="authors"`` there fails with
+    the library's error. Raises the library's ValueError/TypeError, so a bad setting stops engine start.
+    """
+    raw = getattr(hf_config, KEY, None)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TypeError(f"hf_overrides[{KEY!r}] must be a dict of globalcom2 options, got {type(raw).__name__}")
+    options = dict(raw)
+    method = options.pop("method", "globalcom2")
+    if not isinstance(method, str):
+        raise TypeError(f"hf_overrides[{KEY!r}]['method'] must be a method name, got {method!r}")
+    cfg = make_config(method, **options)
+    if cfg.where == "llm":
+        raise ValueError(
+            f"method {cfg.name!r} prunes inside the language model; the vLLM plugin serves the vision-side "
+            "methods, whose token count vLLM can reserve from the image size"
+        )
+    if "budget" in cfg.option_names() and "budget" not in options:
+        cfg = make_config(cfg, budget="exact")
+    side = hf_config.vision_config.image_size
+    num_image_tokens(hf_config, (side, 2 * side), cfg)  # raises where the count is not size-only
+    return cfg
