@@ -35,24 +35,6 @@ from .patch import get_config
 __all__ = ["num_image_tokens"]
 
 
-def _check_llava_config(config: Any) -> None:
-    """The config checks ``apply`` runs on a model, for a bare ``LlavaNextConfig``."""
-    strategy = getattr(config, "vision_feature_select_strategy", None)
-    if strategy != "default":
-        raise ValueError(
-            f"config.vision_feature_select_strategy must be 'default' (the [CLS] token is dropped, "
-            f"patch tokens form the S x S grid), got {strategy!r}"
-        )
-    if not getattr(config, "image_grid_pinpoints", None):
-        raise ValueError("config.image_grid_pinpoints must list the AnyRes resolutions; got none")
-    vc = config.vision_config
-    if vc.image_size % vc.patch_size:
-        raise ValueError(
-            f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
-            f"({vc.patch_size})"
-        )
-
-
 def _split(config_or_model: Any) -> tuple[Any, torch.nn.Module | None]:
     """(LlavaNextConfig, model or None), with a clear error for anything else."""
     if isinstance(config_or_model, torch.nn.Module):
@@ -119,7 +101,7 @@ def num_image_tokens(
     if model is not None:
         adapter.check_model(model)
     else:
-        _check_llava_config(llava_cfg)
+        adapter.check_config(llava_cfg)
     size = _image_size(image_size)
     if cfg.where == "llm":
         raise ValueError(

@@ -43,14 +43,8 @@ def _encoder_layers(tower: nn.Module):
     return None
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
-    cls_names = {c.__name__ for c in type(model).__mro__}
-    if not cls_names.intersection(SUPPORTED_CLASSES):
-        raise TypeError(
-            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
-        )
-    cfg = model.config
+def check_config(cfg) -> None:
+    """Raise a clear error unless ``cfg`` (a ``LlavaNextConfig``) describes an AnyRes model this adapter supports."""
     strategy = getattr(cfg, "vision_feature_select_strategy", None)
     if strategy != "default":
         raise ValueError(
@@ -65,6 +59,16 @@ def check_model(model: nn.Module) -> None:
             f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
             f"({vc.patch_size})"
         )
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
+    cls_names = {c.__name__ for c in type(model).__mro__}
+    if not cls_names.intersection(SUPPORTED_CLASSES):
+        raise TypeError(
+            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
+        )
+    check_config(model.config)
     layers = _encoder_layers(model.model.vision_tower)
     last = layers[-1] if layers is not None and len(layers) else None
     attn = getattr(last, "self_attn", None)
