@@ -28,8 +28,10 @@ def images():
 
 
 def make_inputs(processor, imgs, prompts=None):
+    # channels_last: before transformers 5.4 the NumPy image processor guesses the channel axis and reads an
+    # image 1 or 3 px high, shape (3, W, 3), as channels-first
     prompts = prompts or [PROMPT] * len(imgs)
-    return processor(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    return processor(images=imgs, text=prompts, return_tensors="pt", input_data_format="channels_last", padding=True)
 
 
 def lm_inputs(model):

@@ -91,7 +91,11 @@ def _batch(processor, row_list, seed=0):
         texts.append(text)
         images += pil
         per_row.append(pil)
-    return processor(images=images, text=texts, return_tensors="pt", padding=True), texts, per_row
+    return (
+        processor(images=images, text=texts, return_tensors="pt", input_data_format="channels_last", padding=True),
+        texts,
+        per_row,
+    )
 
 
 def _last_logits(out, mask):
@@ -165,7 +169,7 @@ def test_forward_on_odd_input(method, ratio, row_list, side, attn, layer, spatia
         for b, (text, pil) in enumerate(zip(texts, per_row)):
             if not pil:
                 continue  # a text-only row alone takes the stock path
-            alone = processor(images=pil, text=[text], return_tensors="pt")
+            alone = processor(images=pil, text=[text], return_tensors="pt", input_data_format="channels_last")
             single = _run(model, alone, **vkw)
             assert not isinstance(single, Exception)
             torch.testing.assert_close(single[0][0], last[b], atol=2e-4, rtol=1e-4)
@@ -202,7 +206,7 @@ def test_generate_on_odd_input(method, ratio, row_list, mode):
     if mode == "greedy":
         for b, (text, pil) in enumerate(zip(texts, per_row)):
             if pil:
-                single = processor(images=pil, text=[text], return_tensors="pt")
+                single = processor(images=pil, text=[text], return_tensors="pt", input_data_format="channels_last")
                 alone = model.generate(**single, max_new_tokens=2, do_sample=False)
                 new = alone[0, single["input_ids"].shape[1] :]
                 assert torch.equal(new, out[b, n : n + new.numel()])
@@ -252,7 +256,9 @@ def test_spatial_layout_at_ratio_one_equals_stock_for_images_thinner_than_a_toke
     """Nothing survives unpadding, yet stock ends every unpadded row with a newline; so does the library."""
     model = _model("sdpa")
     processor = _processor("left")
-    inputs = processor(images=[_image(size, 0)], text=["USER: <image> what ?"], return_tensors="pt")
+    inputs = processor(
+        images=[_image(size, 0)], text=["USER: <image> what ?"], return_tensors="pt", input_data_format="channels_last"
+    )
     seen, handle = lm_inputs(model)
     with torch.no_grad():
         stock = model(**inputs).logits

@@ -126,16 +126,7 @@ def pil_image_processor_class() -> type:
     except ImportError:  # transformers < 5.4
         from transformers import LlavaNextImageProcessor
 
-        class LlavaNextImageProcessorChannelsLast(LlavaNextImageProcessor):
-            """Reads images channels-last unless told otherwise: the NumPy processor before 5.4 guesses
-            the channel axis and takes an image 1 or 3 px high (shape (3, W, 3)) for channels-first."""
-
-            def preprocess(self, images, *args, **kwargs):
-                if kwargs.get("input_data_format") is None:
-                    kwargs["input_data_format"] = "channels_last"
-                return super().preprocess(images, *args, **kwargs)
-
-        return LlavaNextImageProcessorChannelsLast
+        return LlavaNextImageProcessor
     return LlavaNextImageProcessorPil
 
 

@@ -69,7 +69,7 @@ def duplication_aware_keep(
     if topk > 0:
         for p in range(n_piv):  # pivots in turn: each takes the TOPK free tokens least like it
             score = dissim[p].masked_fill(~free, -float("inf"))  # (T,)
-            pick = score.topk(topk).indices
+            pick = torch.sort(score, descending=True, stable=True).indices[:topk]  # ties: earlier token first
             kept[pick] = True
             free[pick] = False
     return kept.nonzero().squeeze(1)

@@ -88,7 +88,13 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         feature_pos = config.vision_feature_layer % (n_layers + 1)  # index into (embeddings, layer 1..L) outputs
         layer, self._score_kind = self.globalcom2_config.score_source
         layer = config.vision_feature_layer if layer is None else layer
-        self._score_pos = layer % n_layers  # encoder layer whose [CLS] attention ranks the tokens
+        score_hs = layer % (n_layers + 1)  # as the HF path reads it: index into (embeddings, layer 1..L) outputs
+        if score_hs == 0:
+            raise ValueError(
+                f"vision_feature_layer {layer} selects the embeddings, which no encoder layer's [CLS] attention "
+                f"produced; method {self.globalcom2_config.name!r} needs a layer index other than 0 or {-n_layers - 1}"
+            )
+        self._score_pos = score_hs - 1  # encoder layer whose [CLS] attention ranks the tokens
         if self._score_pos > feature_pos:
             raise ValueError(
                 f"method {self.globalcom2_config.name!r} scores with vision layer {layer}, whose input is "
@@ -113,7 +119,7 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         h = vm.pre_layrnorm(vm.embeddings(pixel_values))  # (V, 1+N, D_v)
         hs = vm.encoder(inputs_embeds=h, return_all_hidden_states=True)  # [embeddings, layer 1..L'] (V, 1+N, D_v)
         feats = self.multi_modal_projector(hs[self._feature_pos][:, 1:])  # (V, N, D_llm)
-        scores = adapter._cls_scores(self._score_tower, hs, self._score_kind, self._score_pos)  # (V, N)
+        scores = adapter._cls_scores(self._score_tower, hs, self._score_kind, self._score_pos + 1)  # (V, N)
         return feats, scores
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
