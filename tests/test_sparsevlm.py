@@ -345,10 +345,19 @@ def _generate(model, inputs, **kw):
 def _check_batch_equals_alone(model, processor, cases):
     """cases: (images of the row, prompt); a batch of all rows gives each row's greedy tokens alone."""
     imgs = [im for row_imgs, _ in cases for im in row_imgs]
-    batch = processor(images=imgs or None, text=[p for _, p in cases], return_tensors="pt", padding=True)
+    batch = processor(
+        images=imgs or None,
+        text=[p for _, p in cases],
+        return_tensors="pt",
+        input_data_format="channels_last",
+        padding=True,
+    )
     together = _generate(model, batch)
     for i, (row_imgs, prompt) in enumerate(cases):
-        alone = _generate(model, processor(images=row_imgs or None, text=[prompt], return_tensors="pt"))
+        alone = _generate(
+            model,
+            processor(images=row_imgs or None, text=[prompt], return_tensors="pt", input_data_format="channels_last"),
+        )
         assert torch.equal(alone[0], together[i]), (i, prompt)
 
 
@@ -356,7 +365,7 @@ def _check_batch_equals_alone(model, processor, cases):
 def test_no_text_after_the_image_lets_the_last_token_rate(processor, images, ratio):
     model, stock = tiny_model(text_layers=8), tiny_model(text_layers=8)
     globalcom2.apply(model, method="sparsevlm", retention_ratio=ratio, layers=(1, 3, 5))
-    inputs = processor(images=images[:1], text=[NO_TEXT_AFTER], return_tensors="pt")
+    inputs = processor(images=images[:1], text=[NO_TEXT_AFTER], return_tensors="pt", input_data_format="channels_last")
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_img
     seen, hooks = _layer_lengths(model)
@@ -388,7 +397,13 @@ def test_rows_with_few_or_no_visual_tokens(processor, images, ratio):
     ]
     _check_batch_equals_alone(model, processor, cases)
     # beams expand each row; the odd rows still decode
-    batch = processor(images=[thin, images[1]], text=[PROMPT, NO_TEXT_AFTER], return_tensors="pt", padding=True)
+    batch = processor(
+        images=[thin, images[1]],
+        text=[PROMPT, NO_TEXT_AFTER],
+        return_tensors="pt",
+        input_data_format="channels_last",
+        padding=True,
+    )
     assert _generate(model, batch, num_beams=2).shape == (2, 3)
 
 
