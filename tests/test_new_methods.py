@@ -344,3 +344,23 @@ def test_flops_token_count_matches_the_adapter(name):
             _, (rec,) = A.compress(model, cfg, pv, sizes, input_ids=inputs["input_ids"])
         count = flops.visual_tokens(name, ratio, (672, 672), geometry=geo)
         assert count.kept == rec.num_tokens  # no padding at 672x672: exact for every method
+
+
+@pytest.mark.parametrize("name", ["divprune"])  # dart keeps 4 + 8 (T - 4) // 8 of T by its authors' count
+def test_stock_sequence_methods_keep_everything_at_ratio_one_even_for_images_thinner_than_a_token(processor, name):
+    """At R = 1 DivPrune hands the LLM stock's visual tokens exactly, newline rows of
+    images so thin that no column survives unpadding included (stock still ends each row)."""
+    import numpy as np
+    from PIL import Image
+
+    model = tiny_model(seed=6)
+    for width, height in [(8, 900), (300, 220), (900, 8)]:
+        img = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+        inputs = make_inputs(processor, [img])
+        with torch.no_grad():
+            feats, (rec,) = A.compress(
+                model, globalcom2.make_config(name, retention_ratio=1.0), inputs["pixel_values"],
+                inputs["image_sizes"], input_ids=inputs["input_ids"],
+            )  # fmt: skip
+            stock = _stock_tokens(model, inputs)
+        assert torch.equal(feats[0], stock), (name, width, height)

@@ -115,6 +115,34 @@ class PruneContext:
     num_layers: int = 0
 
 
+def stock_sequence(ctx: ImageContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stock LLaVA-NeXT's visual sequence of one image, for methods that select over it.
+
+    returns: (order (T,) long indices into ``concat(views.flatten(0, 1), newline)`` in stock order,
+        source (V N + 1, D) the detached projected features with the newline last).
+    """
+    if ctx.features is None or ctx.newline is None:
+        raise ValueError(f"{method} needs the projected features (ImageContext.features/newline)")
+    feats = ctx.features.detach()  # (V, N, D)
+    dev, n_tok = feats.device, ctx.scores.shape[1]
+    valid = ctx.valid.to(dev)
+    with torch.no_grad():
+        thumb = torch.arange(n_tok, device=dev)
+        order = core.assemble_order(thumb, valid, valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
+        source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])  # (V N + 1, D)
+    return order, source
+
+
+def selection_from_order(order: torch.Tensor, ctx: ImageContext) -> Selection:
+    """The ``Selection`` of a method that decides its emission ``order`` (T,) itself."""
+    v, n_tok = ctx.scores.shape
+    kept = torch.zeros(v * n_tok, dtype=torch.bool, device=order.device)
+    kept[order[order < v * n_tok]] = True
+    kept = kept.view(v, n_tok)  # (V, N)
+    ratios = (kept[1:].sum(1).double() / ctx.valid.to(kept.device).sum(1).clamp(min=1).double()).cpu()
+    return Selection(order[order < n_tok], kept[1:], ratios, order=order)
+
+
 def _fmt(values) -> str:
     return ", ".join(repr(v) for v in values)
 

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import core
-from .base import ImageContext, MethodConfig, Selection
+from .base import ImageContext, MethodConfig, Selection, selection_from_order, stock_sequence
 
 
 def duplication_aware_keep(
@@ -109,22 +108,10 @@ class DARTConfig(MethodConfig):
 
     def select(self, ctx: ImageContext) -> Selection:
         """Pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
-        if ctx.features is None or ctx.newline is None:
-            raise ValueError("dart needs the projected features (ImageContext.features/newline)")
-        feats = ctx.features.detach()  # (V, N, D)
-        v, n_tok = ctx.scores.shape
-        dev = feats.device
-        valid = ctx.valid.to(dev)
+        stock, source = stock_sequence(ctx, "dart")  # (T,), (V N + 1, D)
         with torch.no_grad():
-            stock = core.assemble_order(torch.arange(n_tok, device=dev), valid, valid, ctx.grid, ctx.side, "spatial")
-            source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])  # (V N + 1, D)
             retain = int(round(self.retention_ratio * stock.numel()))
             keep = duplication_aware_keep(
                 source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens
             )
-            order = stock[keep]
-        kept = torch.zeros(v * n_tok, dtype=torch.bool, device=dev)
-        kept[order[order < v * n_tok]] = True
-        kept = kept.view(v, n_tok)
-        ratios = (kept[1:].sum(1).double() / valid.sum(1).clamp(min=1).double()).cpu()
-        return Selection(order[order < n_tok], kept[1:], ratios, order=order)
+        return selection_from_order(stock[keep], ctx)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice
+from .base import ImageContext, MethodConfig, Selection, check_choice, selection_from_order, stock_sequence
 
 GRANULARITIES = ("image", "view")
 
@@ -109,21 +109,16 @@ class DivPruneConfig(MethodConfig):
 
     def select(self, ctx: ImageContext) -> Selection:
         """The most diverse tokens of the image (or of each view), emitted in stock order."""
-        if ctx.features is None or ctx.newline is None:
-            raise ValueError("divprune needs the projected features (ImageContext.features/newline)")
-        feats = ctx.features.detach()  # (V, N, D)
+        stock, source = stock_sequence(ctx, "divprune")  # (T,), (V N + 1, D)
+        feats = source[:-1].view(*ctx.scores.shape, -1)  # (V, N, D)
         v, n_tok = ctx.scores.shape
         dev = feats.device
-        valid = ctx.valid.to(dev)
         with torch.no_grad():
             if self.granularity == "image":
-                stock = core.assemble_order(
-                    torch.arange(n_tok, device=dev), valid, valid, ctx.grid, ctx.side, "spatial"
-                )  # (T,) stock sequence as indices into concat(views, newline)
-                source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])
                 chosen = max_min_diverse(source[stock], self._count(stock.numel()))
                 order = stock[chosen.sort().values]
             else:
+                valid = ctx.valid.to(dev)
                 keep = torch.zeros(v, n_tok, dtype=torch.bool, device=dev)
                 cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=dev), valid])  # (V, N)
                 for view in range(v):  # one greedy per view
@@ -131,10 +126,4 @@ class DivPruneConfig(MethodConfig):
                     keep[view, pos[max_min_diverse(feats[view, pos], self._count(pos.numel()))]] = True
                 thumb = keep[0].nonzero().squeeze(1)
                 order = core.assemble_order(thumb, keep[1:], valid, ctx.grid, ctx.side, "flat")
-        n_views = v * n_tok
-        kept = torch.zeros(n_views, dtype=torch.bool, device=dev)
-        kept[order[order < n_views]] = True
-        kept = kept.view(v, n_tok)
-        thumb_keep = order[order < n_tok]
-        ratios = (kept[1:].sum(1).double() / valid.sum(1).clamp(min=1).double()).cpu()
-        return Selection(thumb_keep, kept[1:], ratios, order=order)
+        return selection_from_order(order, ctx)
