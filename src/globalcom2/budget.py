@@ -26,25 +26,19 @@ from typing import Any
 
 import torch
 
-from . import core
 from .methods import MethodConfig, make_config
 from .methods.base import ImageContext, Selection
-from .models import llava_next as adapter
+from .models import adapter_for
 from .patch import get_config
 
 __all__ = ["num_image_tokens"]
 
 
 def _split(config_or_model: Any) -> tuple[Any, torch.nn.Module | None]:
-    """(LlavaNextConfig, model or None), with a clear error for anything else."""
+    """(model config, model or None), with a clear error for anything but a supported model or config."""
     if isinstance(config_or_model, torch.nn.Module):
         return config_or_model.config, config_or_model
-    names = {c.__name__ for c in type(config_or_model).__mro__}
-    if "LlavaNextConfig" not in names:
-        raise TypeError(
-            "config_or_model must be a LlavaNextConfig or a LlavaNextForConditionalGeneration, "
-            f"got {type(config_or_model).__name__}"
-        )
+    adapter_for(config_or_model, "config_or_model")  # TypeError naming the supported classes
     return config_or_model, None
 
 
@@ -63,16 +57,9 @@ def _image_size(image_size: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def geometry_context(cfg: MethodConfig, geo: adapter.Geometry, image_size: tuple[int, int]) -> ImageContext:
-    """An ``ImageContext`` holding the geometry of one image (zero scores), unpadded as ``cfg`` unpads."""
-    grid = geo.grid(image_size)
-    if cfg.unpad:
-        box = core.unpadded_box(grid, geo.side, image_size, round_digits=cfg.unpad_rounding)
-    else:
-        box = (0, grid[0] * geo.side, 0, grid[1] * geo.side)
-    valid = core.box_mask(box, grid, geo.side)  # (n, N)
-    scores = torch.zeros(1 + valid.shape[0], geo.side**2)  # (1 + n, N), never read
-    return ImageContext(scores=scores, side=geo.side, grid=grid, valid=valid, box=box)
+def geometry_context(cfg: MethodConfig, config: Any, image_size: tuple[int, int]) -> ImageContext:
+    """An ``ImageContext`` holding the geometry of one image (zero scores), from the model family's adapter."""
+    return adapter_for(config).geometry_context(cfg, config, image_size)
 
 
 def canonical_selection(ctx: ImageContext, k0: int, k: torch.Tensor) -> Selection:
@@ -87,21 +74,23 @@ def num_image_tokens(
 ) -> int:
     """Visual tokens the language model receives for one image of ``image_size`` = (height, width).
 
-    ``config_or_model``: a ``LlavaNextConfig`` or a LLaVA-NeXT model (checked like ``apply`` checks it).
+    ``config_or_model``: a supported model or its config, e.g. a ``LlavaNextConfig`` (checked like ``apply``
+    checks it).
     ``method`` and ``options`` as for ``apply``; ``method=None`` means the config a patched model runs
     with (plus ``options``), or ``"globalcom2"``. Raises ValueError where the count depends on the
     image's content (pass ``budget="exact"``) and for methods that prune inside the language model.
     """
-    llava_cfg, model = _split(config_or_model)
+    model_cfg, model = _split(config_or_model)
     if method is None:
         method = (get_config(model) if model is not None else None) or "globalcom2"
     if not isinstance(method, (str, MethodConfig)):
         raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
     cfg = make_config(method, **options)
+    adapter = adapter_for(config_or_model)
     if model is not None:
         adapter.check_model(model)
     else:
-        adapter.check_config(llava_cfg)
+        adapter.check_config(model_cfg)
     size = _image_size(image_size)
     if cfg.where == "llm":
         raise ValueError(
@@ -113,7 +102,6 @@ def num_image_tokens(
         cfg.check_model(model)
     if not hasattr(cfg, "fixed_budget"):
         raise ValueError(f"method {cfg.name!r} does not declare a token count that depends on the image size only")
-    geo = adapter.Geometry.from_config(llava_cfg)
-    ctx = geometry_context(cfg, geo, size)
+    ctx = geometry_context(cfg, model_cfg, size)
     k0, k = cfg.fixed_budget(ctx)
     return int(cfg.order(canonical_selection(ctx, k0, k), ctx).numel())

@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 from .methods import MethodConfig, make_config
-from .models import llava_next as adapter
-from .models import llm_pruning
+from .models import adapter_for, llm_pruning
 
 _STATE = "_globalcom2_config"
 _ORIGINAL = "_globalcom2_original_class"
-_VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -43,7 +41,7 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
         cfg = make_config(method, **options)
     else:
         raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
-    adapter.check_model(model)
+    adapter_for(model).check_model(model)
     if cfg.where == "llm":
         llm_pruning.check_language_model(model.model.language_model)
     cfg.check_model(model)
@@ -70,7 +68,7 @@ def remove(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(model, input_ids, pixel_values, image_sizes, attention_mask, labels, padding_side, vision_kwargs):
+def _prepare(model, input_ids, pixel_values, attention_mask, labels, padding_side, vision_kwargs):
     """Compressed ``inputs_embeds`` and friends for a batch straight from the processor."""
     if input_ids is None:
         raise ValueError(
@@ -78,16 +76,8 @@ def _prepare(model, input_ids, pixel_values, image_sizes, attention_mask, labels
             "image goes); pass the processor's output unchanged"
         )
     cfg = getattr(model, _STATE)
-    geo = adapter.Geometry.from_config(model.config)
-    if cfg.where == "llm":  # stock visual tokens; the pruning happens inside the language model
-        feats, sizes = adapter.stock_features(model, pixel_values, image_sizes, **vision_kwargs)
-        records = None
-    else:
-        feats, records = adapter.compress(
-            model, cfg, pixel_values, image_sizes, input_ids=input_ids, attention_mask=attention_mask, **vision_kwargs
-        )
-        sizes = [r.image_size for r in records]
-    counts = [geo.stock_tokens(s) for s in sizes]
+    adapter = adapter_for(model)
+    feats, counts, records = adapter.prepare_images(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
     packed = adapter.pack(model, input_ids, attention_mask, feats, counts, labels=labels, padding_side=padding_side)
     return packed, records
 
@@ -110,11 +100,9 @@ def _wrap_forward(original: type):
     stock_forward = original.forward
 
     @functools.wraps(stock_forward)
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
         if pixel_values is None or pixel_values.numel() == 0:
-            return stock_forward(
-                self, input_ids=input_ids, attention_mask=attention_mask, image_sizes=image_sizes, **kwargs
-            )
+            return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("pass input_ids, not inputs_embeds, together with pixel_values")
         if kwargs.get("position_ids") is not None:
@@ -127,9 +115,9 @@ def _wrap_forward(original: type):
             if labels is not None:
                 raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
             llm_pruning.check_call_options(self, kwargs)
-        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
+        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).VISION_KWARGS if k in kwargs}
         side = _padding_side(attention_mask)
-        packed, _ = _prepare(self, input_ids, pixel_values, image_sizes, attention_mask, labels, side, vision_kwargs)
+        packed, _ = _prepare(self, input_ids, pixel_values, attention_mask, labels, side, vision_kwargs)
         with _in_llm(self, packed):
             return stock_forward(
                 self,
@@ -162,7 +150,7 @@ class _PatchedMixin:
                 vars(c).clear()
                 vars(c).update(attrs)
 
-    def generate(self, inputs=None, *args, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+    def generate(self, inputs=None, *args, pixel_values=None, attention_mask=None, **kwargs):
         """Stock ``generate`` on the compressed prompt; returns prompt ids + new tokens like stock."""
         input_ids = kwargs.pop("input_ids", inputs)
         stock = super().generate
@@ -176,11 +164,9 @@ class _PatchedMixin:
         if getattr(self, _STATE).where == "llm":
             llm_pruning.check_call_options(self, kwargs)
         _translate_lengths(self, kwargs, input_ids.shape[1])
-        vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if k in kwargs}
+        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).VISION_KWARGS if k in kwargs}
         with torch.no_grad():  # like stock generate: no autograd graph for the prompt
-            packed, _ = _prepare(
-                self, input_ids, pixel_values, image_sizes, attention_mask, None, "left", vision_kwargs
-            )
+            packed, _ = _prepare(self, input_ids, pixel_values, attention_mask, None, "left", vision_kwargs)
         with _in_llm(self, packed):
             out = stock(*args, inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
