@@ -351,7 +351,7 @@ def test_bad_arguments_are_named():
     for bad in [(1.5, 10), (True, 3), (1, 2, 3), "ab", None, 7]:
         with pytest.raises(TypeError, match=r"image_size must be a \(height, width\) pair"):
             globalcom2.num_image_tokens(cfg, bad, budget="exact")
-    with pytest.raises(TypeError, match=r"config_or_model must be one of \(LlavaNextForConditionalGeneration.*LlavaNextConfig.*got dict"):
+    with pytest.raises(TypeError, match=r"config_or_model must be one of .*LlavaNextConfig.*got dict"):
         globalcom2.num_image_tokens(cfg.to_dict(), (10, 10), budget="exact")
     with pytest.raises(TypeError, match=r"does not take option\(s\) k"):
         globalcom2.num_image_tokens(cfg, (10, 10), k=2)
