@@ -101,6 +101,9 @@ def _load_config(path: Path) -> dict:
 PRESETS: dict[str, LMShape] = {
     "llava-next-7b": LMShape(32, 4096, 11008, 32, 32, "LLaVA-NeXT-7B (Vicuna-7B)"),
     "llava-next-13b": LMShape(40, 5120, 13824, 40, 40, "LLaVA-NeXT-13B (Vicuna-13B)"),
+    # not in the paper's tables; shapes from the llava-hf checkpoints' text_config (GQA: 8 KV heads)
+    "llava-next-mistral-7b": LMShape(32, 4096, 14336, 32, 8, "LLaVA-NeXT-Mistral-7B (Mistral-7B-Instruct-v0.2)"),
+    "llava-next-34b": LMShape(60, 7168, 20480, 56, 8, "LLaVA-NeXT-34B (Nous-Hermes-2-Yi-34B)"),
 }
 #: the paper's printed columns (Tables VI and VII) for the presets: R -> (TFLOPs, KV-cache MB)
 PAPER = {
