@@ -100,7 +100,10 @@ class PruneContext:
     n_visual_full: (B,) visual tokens of each row before any pruning;
     prompt: the language model's input at prefill, (embeds (B, L0, D), key mask (B, L0), visual (B, L0),
         positions (B, L0)), before any pruning;
-    num_layers: decoder layers of the language model.
+    num_layers: decoder layers of the language model;
+    keys: callable() -> (B, Hkv, L, hd) float32 rotary-embedded keys of layer ``layer_idx - 1`` on the current
+        sequence (its own ``k_proj`` output, captured as it ran), or None;
+    norm: the language model's final norm (applied to ``hidden`` by methods that compare normed states), or None.
     """
 
     layer_idx: int
@@ -113,6 +116,8 @@ class PruneContext:
     n_visual_full: torch.Tensor
     prompt: tuple | None = None
     num_layers: int = 0
+    keys: Callable[[], torch.Tensor] | None = None
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def stock_sequence(ctx: ImageContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
