@@ -207,6 +207,12 @@ class MethodConfig:
         object.__setattr__(self, "retention_ratio", float(self.retention_ratio))
 
     @classmethod
+    def where_of(cls, options: dict[str, Any]) -> str:
+        """Where a config built with these options prunes ("vision" or "llm"); a method whose option picks
+        its form (DART's ``form``) overrides this, and its instances' ``where`` follows it."""
+        return cls.where
+
+    @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Names of the options this method accepts."""
         return tuple(f.name for f in dataclasses.fields(cls))
