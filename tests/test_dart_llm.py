@@ -234,3 +234,20 @@ def test_flops_count_the_in_llm_form_layer_by_layer(capsys):
     assert flops.main(["--image-size", "672", "672", "--methods", "dart", "fastv", "--ratios", "0.25"]) == 0
     out = capsys.readouterr().out
     assert f"dart R=0.25  stock 2928 -> {kept}; prefill {expect / 1e12:.2f} TFLOPs" in out
+
+
+def test_bench_measures_the_in_llm_form_and_takes_method_options(tmp_path):
+    import json
+
+    from globalcom2 import bench
+
+    base = ["--tiny", "--repeats", "1", "--decode-tokens", "1", "--methods", "dart", "--ratios", "0.25", "--quiet"]
+    rows = []
+    for options in ("{}", '{"dart": {"k": 1}}'):
+        assert bench.main([*base, "--options", options, "--json", str(tmp_path / "b.json")]) == 0
+        rows.append(json.loads((tmp_path / "b.json").read_text())[1])
+    # the in-LLM form: every stock visual token in layers < K, fewer after; k=1 prunes one layer earlier
+    assert rows[1]["visual_tokens"] < rows[0]["visual_tokens"]
+    assert rows[1]["kv_mb"] < rows[0]["kv_mb"]
+    with pytest.raises(SystemExit):
+        bench.main([*base, "--options", '["dart"]'])
