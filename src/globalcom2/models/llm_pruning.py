@@ -1,4 +1,4 @@
-"""Pruning visual tokens *inside* a Llama-family language model (FastV, SparseVLM).
+"""Pruning visual tokens *inside* a Llama-family language model (FastV, SparseVLM, DART).
 
 The stock decoder loop runs unchanged; for the duration of one ``forward``/``generate`` call,
 forward pre-hooks on the decoder layers swap in the shortened hidden states, attention mask and
@@ -41,7 +41,7 @@ def check_language_model(lm: nn.Module) -> None:
         or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim"))
     ):
         raise TypeError(
-            "in-LLM methods (fastv, sparsevlm) need a Llama-style language model (layers with input_layernorm, "
+            "in-LLM methods (fastv, sparsevlm, dart) need a Llama-style language model (layers with input_layernorm, "
             f"self_attn.q_proj/k_proj and rotary embeddings); got {type(lm).__name__}"
         )
 
@@ -64,12 +64,12 @@ def check_call_options(model: nn.Module, kwargs: dict) -> None:
     if impl not in CACHE_IMPLEMENTATIONS:
         raise ValueError(
             f"cache_implementation must be one of ({', '.join(map(repr, CACHE_IMPLEMENTATIONS))}) with in-LLM "
-            f"methods (fastv, sparsevlm): their pruned layers cache fewer tokens than the others; got {impl!r}"
+            f"methods (fastv, sparsevlm, dart): their pruned layers cache fewer tokens than the others; got {impl!r}"
         )
     cache = kwargs.get("past_key_values")
     if cache is not None and type(cache) is not DynamicCache:
         raise ValueError(
-            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm): their "
+            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm, dart): their "
             f"pruned layers cache fewer tokens than the others; got {type(cache).__name__}"
         )
 
