@@ -29,3 +29,34 @@ def reference_keep(tokens, text, ratio, n_img=4, n_txt=4):
         kept.update(picked)
         valid = [j for j in valid if j not in picked]
     return sorted(kept)
+
+
+def reference_llm_keep(keys, states, start, length, retain, n_img=4, n_txt=4):
+    """DART's in-LLM choice, as ``get_retained_image_token`` runs it on one prompt (LLaVA-NeXT branch).
+
+    keys: (L, H * hd) rotary-embedded keys of layer K-1 (their ``any_states`` after the reshape);
+    states: (L, D) layer-K input after the final norm (their ``last_layer_state``); the image's tokens
+    are positions ``start .. start + length - 1`` and the text after it runs to the end; retain: their
+    ``retain_token_num_for_llava_next``. Returns the retained image positions, sorted (the order they
+    come in does not matter: the caller concatenates and sorts). Naive on purpose: Python sets and lists.
+    """
+    retain = min(retain, length - n_img)
+    topk = int(retain // (n_img + n_txt))
+    k_img = keys[start : start + length]
+    k_txt = keys[start + length :]
+    img_norm = [float(k_img[i].abs().sum()) for i in range(length)]
+    txt_norm = [float(k_txt[i].abs().sum()) for i in range(k_txt.shape[0])]
+    image_indices = [i + start for i in sorted(range(length), key=lambda i: -img_norm[i])[:n_img]]
+    query_indices = [i + start + length for i in sorted(range(k_txt.shape[0]), key=lambda i: -txt_norm[i])[:n_txt]]
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_list = sorted(valid_indices)
+    for item in list(indices_set):
+        sims = [-float(F.cosine_similarity(states[item], states[j], dim=0)) for j in valid_list]
+        best = sorted(range(len(valid_list)), key=lambda k: -sims[k])[:topk]
+        picked = [valid_list[k] for k in best]
+        indices_set.update(picked)
+        valid_indices.difference_update(picked)
+        valid_list = sorted(valid_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)

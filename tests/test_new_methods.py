@@ -263,7 +263,7 @@ def test_dart_matches_the_authors_algorithm_on_embeddings(processor, size, ratio
     inputs = processor(images=demo_image(*size, seed=size[0] + 2), text=PROMPT, return_tensors="pt")
     with torch.no_grad():
         feats, (rec,) = A.compress(
-            model, globalcom2.make_config("dart", retention_ratio=ratio), inputs["pixel_values"],
+            model, globalcom2.make_config("dart", retention_ratio=ratio, form="embedding"), inputs["pixel_values"],
             inputs["image_sizes"], input_ids=inputs["input_ids"],
         )  # fmt: skip
         stock = _stock_tokens(model, inputs)
@@ -338,7 +338,7 @@ def test_flops_token_count_matches_the_adapter(name):
     inputs = processor(images=demo_image(672, 672), text=PROMPT, return_tensors="pt")
     geo = A.Geometry.from_config(model.config)
     for ratio in (0.25, 0.1):
-        cfg = globalcom2.make_config(name, retention_ratio=ratio)
+        cfg = globalcom2.make_config(name, retention_ratio=ratio, **({"form": "embedding"} if name == "dart" else {}))
         with torch.no_grad():
             pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
             _, (rec,) = A.compress(model, cfg, pv, sizes, input_ids=inputs["input_ids"])

@@ -161,10 +161,15 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure(model, inputs, method: str | None, ratio: float, decode_tokens: int, device: str) -> dict:
-    """One run: times of each stage, memory, KV-cache bytes and per-layer cached lengths."""
+def measure(
+    model, inputs, method: str | None, ratio: float, decode_tokens: int, device: str, options: dict | None = None
+) -> dict:
+    """One run: times of each stage, memory, KV-cache bytes and per-layer cached lengths.
+
+    options: the method's other options (e.g. ``{"layers": (0, 1, 2)}`` for SparseVLM on a short model).
+    """
     pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
-    cfg = make_config(method, retention_ratio=ratio) if method else None
+    cfg = make_config(method, retention_ratio=ratio, **(options or {})) if method else None
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
     layer_idx = model.config.vision_feature_layer
     geo = adapter.Geometry.from_config(model.config)
@@ -321,10 +326,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     element = next(model.model.language_model.parameters()).element_size()
     configs = [(None, 1.0)] + [(m, r) for m in args.methods for r in args.ratios]
     for m in args.methods:  # validate names, options and the model before the long run
-        make_config(m, retention_ratio=args.ratios[0]).check_model(model)
+        make_config(m, retention_ratio=args.ratios[0], **_options(args, m)).check_model(model)
     samples: dict[tuple, list[dict]] = {c: [] for c in configs}
     for c in configs:  # warm-up: one untimed pass over every configuration
-        measure(model, inputs, c[0], c[1], 1, args.device)
+        measure(model, inputs, c[0], c[1], 1, args.device, _options(args, c[0]))
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - optional
@@ -333,7 +338,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     bar = tqdm(total=total, desc="bench", disable=args.quiet) if tqdm else None
     for _ in range(args.repeats):
         for c in configs:  # stock and compressed interleaved in every repeat
-            samples[c].append(measure(model, inputs, c[0], c[1], args.decode_tokens, args.device))
+            samples[c].append(measure(model, inputs, c[0], c[1], args.decode_tokens, args.device, _options(args, c[0])))
             if bar:
                 bar.update(1)
     if bar:
@@ -348,7 +353,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     for c in configs:
         s0 = samples[c][0]
         lens = s0["layer_lens"]
-        visual = s0["visual_tokens"] if c[0] is None or make_config(c[0]).where == "vision" else None
+        visual = (
+            s0["visual_tokens"] if c[0] is None or make_config(c[0], **_options(args, c[0])).where == "vision" else None
+        )
         kv_pred = sum(flops.kv_cache_bytes(_one_layer(shape), t, element) for t in lens)
         if visual is None:  # in-LLM: visual tokens differ per layer; Eq. 8 summed layer by layer
             per_layer_visual = [t - n_text for t in lens]
@@ -373,7 +380,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             eq8_speedup=eq8,
         )
         if args.extrapolate_layers:
-            cfg = make_config(c[0], retention_ratio=c[1]) if c[0] else None
+            cfg = make_config(c[0], retention_ratio=c[1], **_options(args, c[0])) if c[0] else None
             per_layer = [statistics.median(s["layer_times"][i] for s in samples[c]) for i in range(len(lens))]
             t = extrapolate_prefill(cfg, lens, per_layer, args.extrapolate_layers)
             row.prefill_extrapolated_ms = None if t is None else t * 1e3
@@ -381,6 +388,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     for row in rows:
         row.prefill_speedup = rows[0].prefill_ms / row.prefill_ms
     return rows
+
+
+def _options(args: argparse.Namespace, method: str | None) -> dict:
+    """The ``--options`` given for ``method`` (JSON lists become tuples)."""
+    raw = (getattr(args, "options", None) or {}).get(method, {}) if method else {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
 
 
 def _one_layer(shape):
@@ -453,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--extrapolate-layers", type=int, default=None,
                     help="also print prefill time scaled to this many layers (labelled as extrapolated)")  # fmt: skip
+    ap.add_argument("--options", type=json.loads, default={},
+                    help='JSON options per method, e.g. {"sparsevlm": {"layers": [0, 1, 2]}} (4 layers)')  # fmt: skip
     ap.add_argument("--json", help="write rows as JSON")
     ap.add_argument("--csv", help="write rows as CSV")
     ap.add_argument("--plot", help="write a speedup-vs-R PNG (matplotlib)")
@@ -460,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if not isinstance(args.options, dict) or not all(isinstance(v, dict) for v in args.options.values()):
+        ap.error("--options must be a JSON object of method name -> object of options")
     for r in args.ratios:
         if not 0 < r <= 1:
             ap.error(f"--ratios must be in (0, 1], got {r}")

@@ -24,7 +24,7 @@ import argparse
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 PAPER_RATIOS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -221,6 +221,7 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     cdpruner: round(N R) per view less the crop picks in the padding, plus the stock newlines;
         which picks fall in the padding depends on the image (``exact=False``: no picks lost there).
     fastv / sparsevlm: R of the stock visual tokens (int(T R); for SparseVLM the layer average).
+    dart (either form): 4 + 8 TOPK; in the LLM from layer K on (``layer_visual_tokens``).
     """
     from . import core
     from .methods import REGISTRY
@@ -236,14 +237,14 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     grid = geo.grid(size)
     n = grid[0] * grid[1]
     cls = REGISTRY[method]
+    if method == "dart":  # both forms: the same pivots + TOPK count (in the LLM: from layer K on)
+        return TokenCount(method, ratio, stock, 4 + 8 * (min(int(round(ratio * stock)), stock - 4) // 8), True)
     if cls.where == "llm":
         return TokenCount(method, ratio, stock, int(stock * ratio), method == "fastv")
     if method in ("fastervlm", "visionzip"):
         return TokenCount(method, ratio, stock, (1 + n) * max(1, round(N * ratio)), True)
     if method == "divprune":
         return TokenCount(method, ratio, stock, max(1, int(round(ratio * stock))), True)
-    if method == "dart":
-        return TokenCount(method, ratio, stock, 4 + 8 * (min(int(round(ratio * stock)), stock - 4) // 8), True)
     top, bottom, left, right = core.unpadded_box(grid, S, size)
     if method == "cdpruner":
         rows = bottom - top
@@ -252,6 +253,35 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     crops = int(core.count_kept(per_crop, ratio).sum())
     kept = int(N * ratio) + crops + grid[0] * S
     return TokenCount(method, ratio, stock, kept, method == "uniform")
+
+
+def layer_visual_tokens(method: str, ratio: float, tokens: int, num_layers: int, **options) -> list[int]:
+    """Visual tokens each decoder layer processes when ``tokens`` enter the language model.
+
+    A vision-side method shortens the input, so every layer sees ``tokens`` (its kept count). An in-LLM
+    method (fastv, sparsevlm, dart's default form) sees all ``tokens`` up to its first pruning layer,
+    then each stage's count (``stage_tokens``): FastV int(T R) from layer K; DART 4 + 8 TOPK from layer K.
+    """
+    from .methods import make_config
+
+    cfg = make_config(method, retention_ratio=_check_ratio(ratio), **options)
+    tokens = _check_tokens(tokens)
+    if cfg.where != "llm":
+        return [tokens] * num_layers
+    cuts = sorted(cfg.prune_layers(num_layers))
+    stages = (tokens, *cfg.stage_tokens(tokens, num_layers))
+    return [stages[sum(1 for c in cuts if c <= i)] for i in range(num_layers)]
+
+
+def method_prefill_flops(shape: LMShape, method: str, ratio: float, tokens: int, **options) -> float:
+    """Eq. 8 prefill FLOPs summed layer by layer over what each layer sees (in-LLM methods prune mid-way).
+
+    tokens: visual tokens entering the language model (the method's kept count for a vision-side method,
+    the stock count for an in-LLM one).
+    """
+    one = replace(shape, num_layers=1)
+    per_layer = layer_visual_tokens(method, ratio, tokens, shape.num_layers, **options)
+    return float(sum(prefill_flops(one, t) for t in per_layer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +317,8 @@ def format_table(rows: list[EfficiencyRow], shape: LMShape) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 flops``."""
+    from .methods import REGISTRY
+
     ap = argparse.ArgumentParser(prog="globalcom2 flops", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="built-in shape (default llava-next-7b)")
@@ -327,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in args.ratios:
                 c = visual_tokens(m, r, tuple(args.image_size))
                 note = "" if c.exact else " (expected; depends on the image)"
-                print(f"  {m:>12} R={r:<5} stock {c.stock} -> {c.kept}{note}")
+                in_llm = REGISTRY[m].where_of({}) == "llm"  # the method's default form
+                entering = c.stock if in_llm else c.kept  # in-LLM: pruned layer by layer
+                tf = method_prefill_flops(shape, m, r, entering) / 1e12
+                print(f"  {m:>12} R={r:<5} stock {c.stock} -> {c.kept}{note}; prefill {tf:.2f} TFLOPs")
     if args.csv:
         write_csv(args.csv, rows)
     if args.json:

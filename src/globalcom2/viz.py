@@ -69,11 +69,17 @@ def _denormalize(view: torch.Tensor, processor) -> np.ndarray:
 
 
 def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> list[Panel]:
-    """Run each (method, ratio) on ``image`` through the model's own selection and collect what to draw."""
+    """Run each (method, ratio) on ``image`` through the model's own selection and collect what to draw.
+
+    A method whose default form prunes inside the language model but that has a vision-side form
+    (DART) is drawn in that form (``form="embedding"``); FastV and SparseVLM cannot be drawn.
+    """
     configs = []
     for m in methods:
         for r in ratios:
             cfg = make_config(m, retention_ratio=r)
+            if cfg.where != "vision" and "form" in cfg.option_names():  # DART: draw its vision-side form
+                cfg = make_config(cfg, form="embedding")
             if cfg.where != "vision":
                 raise ValueError(
                     f"method {m!r} prunes inside the language model; only vision-side methods can be drawn "

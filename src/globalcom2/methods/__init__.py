@@ -65,7 +65,7 @@ def _fields(cfg: MethodConfig) -> dict[str, Any]:
 
 def _checked(cls: type[MethodConfig], options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(cls.option_names()))
-    if unknown == ["budget"] and cls.where == "llm":
+    if unknown == ["budget"] and cls.where_of(options) == "llm":
         raise TypeError(
             f"method {cls.name!r} prunes inside the language model, where budget does not apply: every image "
             "enters it with stock LLaVA-NeXT's token count; budget is an option of the vision-side methods"

@@ -100,7 +100,10 @@ class PruneContext:
     n_visual_full: (B,) visual tokens of each row before any pruning;
     prompt: the language model's input at prefill, (embeds (B, L0, D), key mask (B, L0), visual (B, L0),
         positions (B, L0)), before any pruning;
-    num_layers: decoder layers of the language model.
+    num_layers: decoder layers of the language model;
+    keys: callable() -> (B, Hkv, L, hd) float32 rotary-embedded keys of layer ``layer_idx - 1`` on the current
+        sequence (its own ``k_proj`` output, captured as it ran), or None;
+    norm: the language model's final norm (applied to ``hidden`` by methods that compare normed states), or None.
     """
 
     layer_idx: int
@@ -113,6 +116,8 @@ class PruneContext:
     n_visual_full: torch.Tensor
     prompt: tuple | None = None
     num_layers: int = 0
+    keys: Callable[[], torch.Tensor] | None = None
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def stock_sequence(ctx: ImageContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +205,12 @@ class MethodConfig:
     def __post_init__(self) -> None:
         check_number("retention_ratio", self.retention_ratio, 0.0, 1.0)
         object.__setattr__(self, "retention_ratio", float(self.retention_ratio))
+
+    @classmethod
+    def where_of(cls, options: dict[str, Any]) -> str:
+        """Where a config built with these options prunes ("vision" or "llm"); a method whose option picks
+        its form (DART's ``form``) overrides this, and its instances' ``where`` follows it."""
+        return cls.where
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -1,16 +1,35 @@
-"""DART (embedding-level form): keep pivot tokens and the tokens least duplicated by them.
+"""DART: keep pivot tokens and the visual tokens least duplicated by them.
 
 DART's authors (github ZichenWen1/DART; read here from its public mirror xqy1111111/DART,
-``llava/model/language_model/modeling_llama_self.py`` ``get_retained_image_token``) prune inside
-the language model at layer K = 2: pivots are the 4 image tokens and 4 text tokens (after the
-image) with the largest L1 norm of their layer-2 keys; for each pivot in turn, the ``TOPK``
-remaining image tokens *least* cosine-similar to it (layer-2 hidden states after the final norm)
-are kept and leave the candidate pool; the image pivots and those tokens survive, in sequence
-order. On LLaVA-NeXT the candidates are the whole stock visual sequence (thumbnail, unpadded
-crops, newline tokens) and ``TOPK = min(retain, L - 4) // 8`` for ``retain`` kept tokens.
+``llava/model/language_model/modeling_llama_self.py``, class ``DART`` and its
+``get_retained_image_token``; LLaVA-NeXT settings from ``llava/eval/model_vqa_loader.py`` and
+``scripts/v1_6``) prune *inside* the language model. Two forms are provided, chosen by ``form``:
 
-This module is the embedding-level form, for engines that cannot see layer-2 keys: the same
-algorithm on the language model's *input*, before it runs:
+``form="llm"`` (default, the authors' released form), through the in-LLM hooks of
+``models/llm_pruning.py`` as FastV:
+
+* layers ``0 .. K-1`` (``k``, default K = 2 as their ``--pruned_layer 2``) see every token; the
+  input of layer K is shortened;
+* candidates: every visual token of the row (LLaVA-NeXT: thumbnail, unpadded crops and newlines,
+  the whole stock span, as their ``image_token_length = seq_len - text_length`` makes it);
+* pivots: the ``pivot_image_tokens`` (4) candidates and the ``pivot_text_tokens`` (4) tokens after
+  the image (question, template, up to the end of the prompt) with the largest L1 norm of their
+  keys in layer K-1 (rotary-embedded, every head: their ``layer_outputs[-2]`` of the layer before
+  K), text tokens are pivots but never candidates;
+* duplication: cosine similarity of the layer-K input states after the model's final norm (their
+  ``self.norm(layer_outputs[0])``); for each pivot in turn the ``TOPK`` free candidates *least*
+  similar to it are kept and leave the pool; ``retain = round(R V)`` of the row's V visual
+  tokens (their absolute ``retain_token_num_for_llava_next``, 320 of 2880 at R = 1/9),
+  ``TOPK = min(retain, V - P_img) // P`` with P pivots, so ``P_img + P TOPK`` visual tokens reach
+  layer K (324 at R = 1/9);
+* pivots are visited in the iteration order of a Python ``set`` of their absolute positions, as
+  their ``for item in list(indices_set)`` does (rebuilt here from the same insertion order, so the
+  same accident of CPython's hashing is reproduced token for token);
+* kept tokens keep their rotary positions (their ``position_ids = keep_indexs``); layers ``>= K``
+  cache only the kept tokens and decoding steps attend to those, as FastV here.
+
+``form="embedding"``, for engines that cannot see layer-K keys (the vLLM plugin): the same algorithm
+on the language model's *input*, per image, before it runs:
 
 * candidates: the image's stock visual tokens (projected features + newlines, stock order);
 * image pivots: the ``pivot_image_tokens`` candidates with the largest L1 norm of their input
@@ -18,31 +37,84 @@ algorithm on the language model's *input*, before it runs:
   tokens with the largest L1 norm of their input embedding (every attended non-image token of
   the row, not only those after the image);
 * duplication: ``1 - cos`` between input embeddings (instead of normed layer-2 hidden states);
-* ``retain = round(R T)`` of the T stock tokens, ``TOPK = min(retain, T - P_img) // P`` with P
-  pivots, so ``P_img + P TOPK`` tokens reach the language model (their count formula: between
-  ``retain - P + P_img + 1`` and ``retain + P_img``, e.g. 324 for their 320);
-* pivots are visited image pivots first (largest norm first), then text pivots; their code
-  visits them in the iteration order of a Python ``set`` of absolute sequence positions, an
-  accident of the implementation that depends on the prompt's length;
+* ``retain`` and ``TOPK`` as above over the image's T stock tokens;
+* pivots are visited image pivots first (largest norm first), then text pivots;
 * without a prompt (``compress`` called without ``input_ids``) only the image pivots are used.
 
-The in-LLM form (layer-2 keys, kept tokens keep their positions) belongs with the in-LLM pruning
-hooks (``models/llm_pruning.py``) and is not provided here.
+Departures of the in-LLM form from the released code, each for a reason:
+
+* Batches: their code asserts batch size 1; each row is pruned on its own here (rows re-aligned with
+  left padding; positions, hence the set order, are the row's own, so a row selects the same alone).
+* Precision: key norms and cosines in float32 (their fp16 norms round many keys to equal values).
+* Ties: equal norms or similarities go to the earlier token (``topk`` leaves them unspecified).
+* Fewer than ``pivot_text_tokens`` text tokens after the image (their ``topk`` raises): all of them
+  are pivots, and ``TOPK`` divides by the pivots actually found.
+* Several images in a row: all visual tokens of the row form one pool and the text pivots come
+  after the last image (their code handles one image per prompt).
+* Their LLaVA-1.5 branch (``max_num_trunction``: ``TOPK = ceil(M // 8)`` of 576 fixed tokens after a
+  35-token system prompt) is not implemented: the LLaVA-NeXT rule above covers every image size.
+* No visual token in a row: the row is passed through.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .base import ImageContext, MethodConfig, Selection, selection_from_order, stock_sequence
+from .base import (
+    ImageContext,
+    MethodConfig,
+    PruneContext,
+    Selection,
+    Stage,
+    check_choice,
+    selection_from_order,
+    stock_sequence,
+)
+
+FORMS = ("llm", "embedding")
+
+
+def least_duplicated(states: torch.Tensor, pivots: torch.Tensor, free: torch.Tensor, topk: int) -> torch.Tensor:
+    """(T,) bool: the tokens each pivot in turn keeps, ``topk`` apiece, least cosine-similar to it.
+
+    states: (T, D) candidates' states; pivots: (P, D) in visiting order; free: (T,) bool tokens still
+    in the pool (a kept token leaves it). Ties go to the earlier token. One step per pivot.
+    """
+    x = states.float()
+    normed = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (T, D)
+    p = pivots.float()
+    pnormed = p / p.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (P, D)
+    dissim = -(pnormed @ normed.t())  # (P, T) higher = less duplicated
+    free = free.clone()
+    kept = torch.zeros_like(free)
+    if topk > 0:
+        for row in dissim:  # pivots in turn: each takes the TOPK free tokens least like it
+            score = row.masked_fill(~free, -float("inf"))  # (T,)
+            pick = torch.sort(score, descending=True, stable=True).indices[:topk]  # ties: earlier token first
+            kept[pick] = True
+            free[pick] = False
+    return kept
+
+
+def topk_per_pivot(retain: int, n_candidates: int, n_image_pivots: int, n_pivots: int) -> int:
+    """DART's TOPK: ``min(retain, candidates - image pivots) // pivots``."""
+    return min(retain, n_candidates - n_image_pivots) // max(n_pivots, 1)
+
+
+def set_order(positions: list[int]) -> list[int]:
+    """Indices into ``positions`` in the order a Python set built from them iterates (DART's pivot order)."""
+    where = {p: i for i, p in reversed(list(enumerate(positions)))}
+    return [where[p] for p in set(positions)]
 
 
 def duplication_aware_keep(
     tokens: torch.Tensor, text: torch.Tensor | None, retain: int, n_image_pivots: int, n_text_pivots: int
 ) -> torch.Tensor:
-    """(K,) long ascending indices of the DART-kept rows of tokens: (T, D); text: (M, D) or None.
+    """(K,) long ascending indices of the DART-kept rows of tokens: (T, D); text: (M, D) or None (embedding form).
 
     One vectorised step per pivot (at most ``n_image_pivots + n_text_pivots``), none per token.
     """
@@ -56,42 +128,42 @@ def duplication_aware_keep(
     if p_txt:
         pivots.append(txt[txt.abs().sum(-1).topk(p_txt).indices])
     pivots = torch.cat(pivots)  # (P, D)
-    n_piv = pivots.shape[0]
-    topk = min(retain, t - p_img) // max(n_piv, 1)
-    normed = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (T, D)
-    pnormed = pivots / pivots.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (P, D)
-    dissim = -(pnormed @ normed.t())  # (P, T) higher = less duplicated
     free = torch.ones(t, dtype=torch.bool, device=x.device)
     free[img_piv] = False
-    kept = free.clone().fill_(False)
+    kept = least_duplicated(x, pivots, free, topk_per_pivot(retain, t, p_img, pivots.shape[0]))
     kept[img_piv] = True
-    if topk > 0:
-        for p in range(n_piv):  # pivots in turn: each takes the TOPK free tokens least like it
-            score = dissim[p].masked_fill(~free, -float("inf"))  # (T,)
-            pick = torch.sort(score, descending=True, stable=True).indices[:topk]  # ties: earlier token first
-            kept[pick] = True
-            free[pick] = False
     return kept.nonzero().squeeze(1)
 
 
 @dataclass(frozen=True)
 class DARTConfig(MethodConfig):
-    """DART (embedding-level) options.
+    """DART options.
 
-    retention_ratio: R in (0, 1]; about ``round(R T)`` of the T stock visual tokens are kept (see above).
+    retention_ratio: R in (0, 1]; about ``round(R V)`` of the V visual tokens are kept (see above).
+    form: "llm" (the authors' form: pivots by layer K-1 key norm, pruned before layer K) or
+        "embedding" (before the language model, on its input embeddings, per image).
+    k: with form="llm", prune before decoder layer K (0-based) using layer K-1; 1 <= K < num layers.
     pivot_image_tokens, pivot_text_tokens: pivots of each kind (DART's 4 and 4).
     """
 
     name = "dart"
-    description = "DART (embedding level): pivot tokens + the tokens least duplicated by them, before the LLM"
+    description = "DART: pivot tokens + the tokens least duplicated by them (in the LLM, or form='embedding')"
     paper = "DART (Wen et al., 2025)"
+    #: the default form's; an instance's ``where`` follows its ``form``
+    where = "llm"
     needs = frozenset({"features", "text"})
 
+    form: str = "llm"
+    k: int = 2
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("form", self.form, FORMS)
+        if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1 (prune before layer K using layer K-1's keys), got {self.k!r}")
+        object.__setattr__(self, "k", int(self.k))
         for name in ("pivot_image_tokens", "pivot_text_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -100,14 +172,30 @@ class DARTConfig(MethodConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.pivot_image_tokens == 0:
             raise ValueError("pivot_image_tokens must be >= 1 (image pivots are always kept), got 0")
+        object.__setattr__(self, "where", self.where_of({"form": self.form}))
+
+    @classmethod
+    def where_of(cls, options: dict) -> str:
+        """Where it prunes: "llm" for the in-LLM form, "vision" for ``form="embedding"``."""
+        return "vision" if options.get("form", "llm") == "embedding" else "llm"
+
+    def check_model(self, model) -> None:
+        """With form="llm", K must name a layer of this model's language model."""
+        n = model.config.text_config.num_hidden_layers
+        if self.form == "llm" and self.k >= n:
+            raise ValueError(f"k must be in [1, {n - 1}] for a language model with {n} layers, got {self.k}")
 
     @property
     def layout_name(self) -> str:
         """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
         return "spatial"
 
+    # -- embedding form ------------------------------------------------------------------------
+
     def select(self, ctx: ImageContext) -> Selection:
-        """Pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
+        """Embedding form: pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
+        if self.form != "embedding":
+            raise TypeError("dart with form='llm' prunes inside the language model; use form='embedding' to select")
         stock, source = stock_sequence(ctx, "dart")  # (T,), (V N + 1, D)
         with torch.no_grad():
             retain = int(round(self.retention_ratio * stock.numel()))
@@ -115,3 +203,67 @@ class DARTConfig(MethodConfig):
                 source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens
             )
         return selection_from_order(stock[keep], ctx)
+
+    # -- in-LLM form ---------------------------------------------------------------------------
+
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder layer whose input is shortened."""
+        return (self.k,)
+
+    def stage_tokens(self, n_visual: int, num_layers: int) -> tuple[int, ...]:
+        """Visual tokens from layer K on (or entering the LLM, embedding form): ``P_img + P TOPK`` of ``n_visual``.
+
+        Counts ``pivot_text_tokens`` text pivots (a prompt with that many text tokens after the image).
+        """
+        p_img = min(self.pivot_image_tokens, n_visual)
+        n_piv = p_img + self.pivot_text_tokens
+        retain = int(round(self.retention_ratio * n_visual))
+        return (p_img + n_piv * topk_per_pivot(retain, n_visual, p_img, n_piv),)
+
+    def prune(self, ctx: PruneContext) -> Stage:
+        """In-LLM form: pivots by layer K-1 key norm, then the visual tokens least like them (normed layer-K input)."""
+        if ctx.keys is None or ctx.norm is None:
+            raise ValueError("dart's in-LLM form needs layer K-1's keys and the final norm (PruneContext.keys/norm)")
+        with torch.no_grad():
+            key_norm = ctx.keys().abs().sum((1, 3))  # (B, L): L1 over every head and channel
+            states = ctx.norm(ctx.hidden)  # (B, L, D)
+            hidden, positions, visual = [], [], []
+            for r in range(ctx.hidden.shape[0]):  # one row at a time (pivots per row), never per token
+                keep = self._keep_row(key_norm[r], states[r], ctx.key_mask[r], ctx.visual[r], ctx.positions[r])
+                hidden.append(ctx.hidden[r, keep])
+                positions.append(ctx.positions[r, keep])
+                visual.append(ctx.visual[r, keep])
+        return Stage(hidden, positions, visual)
+
+    def _keep_row(
+        self, key_norm: torch.Tensor, states: torch.Tensor, real: torch.Tensor, vis: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """(L',) long ascending indices one row keeps: its text and DART's visual tokens.
+
+        key_norm: (L,) L1 norms of layer K-1 keys; states: (L, D) normed layer-K input; real, vis: (L,) bool;
+        pos: (L,) long positions.
+        """
+        cand = torch.nonzero(vis & real).squeeze(1)  # (V,) candidates in sequence order
+        if cand.numel() == 0:
+            return torch.nonzero(real).squeeze(1)
+        text = torch.nonzero(~vis & real).squeeze(1)
+        text = text[text > cand.max()]  # (M,) the text after the (last) image
+        v = cand.numel()
+        p_img = min(self.pivot_image_tokens, v)
+        p_txt = min(self.pivot_text_tokens, text.numel())
+        img_piv = cand[_top(key_norm[cand], p_img)]  # (P_img,) largest key norm first
+        txt_piv = text[_top(key_norm[text], p_txt)]  # (P_txt,)
+        pivots = torch.cat([img_piv, txt_piv])  # (P,) sequence indices, their insertion order
+        visit = pivots[set_order(pos[pivots].tolist())]  # the order their Python set iterates
+        free = torch.zeros_like(vis)
+        free[cand] = True
+        free[img_piv] = False
+        retain = int(round(self.retention_ratio * v))
+        kept = least_duplicated(states, states[visit], free, topk_per_pivot(retain, v, p_img, pivots.numel()))
+        kept[img_piv] = True
+        return torch.nonzero(real & (~vis | kept)).squeeze(1)
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values, largest first; ties: the earlier index."""
+    return torch.sort(values.float(), descending=True, stable=True).indices[:k]

@@ -67,6 +67,10 @@ class FastVConfig(MethodConfig):
         """The decoder layer whose input is shortened."""
         return (self.k,)
 
+    def stage_tokens(self, n_visual: int, num_layers: int) -> tuple[int, ...]:
+        """Visual tokens from layer K on, for a row with ``n_visual`` of them: (int(n_visual R),)."""
+        return (int(core.count_kept(torch.tensor([n_visual]), self.retention_ratio)[0]),)
+
     def keep_count(self, n_image: torch.Tensor) -> torch.Tensor:
         """Image tokens kept per sample: int(n_image R)."""
         return core.count_kept(n_image.cpu(), self.retention_ratio)

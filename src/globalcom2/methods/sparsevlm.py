@@ -221,6 +221,10 @@ class SparseVLMConfig(MethodConfig):
         """Visual tokens (kept + recycled) in each stage for a row with ``n_visual`` visual tokens."""
         return tuple(k + c for k, c in self.plan(n_visual, num_layers))
 
+    def stage_tokens(self, n_visual: int, num_layers: int) -> tuple[int, ...]:
+        """Visual tokens in each stage (the layers after each pruning layer), as ``stage_counts``."""
+        return self.stage_counts(n_visual, num_layers)
+
     def split(self, current: int, target: int) -> tuple[int, int]:
         """(kept, clusters) with kept + clusters == target when ``current`` visual tokens are present."""
         if target >= current:

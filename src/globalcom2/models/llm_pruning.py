@@ -1,4 +1,4 @@
-"""Pruning visual tokens *inside* a Llama-family language model (FastV, SparseVLM).
+"""Pruning visual tokens *inside* a Llama-family language model (FastV, SparseVLM, DART).
 
 The stock decoder loop runs unchanged; for the duration of one ``forward``/``generate`` call,
 forward pre-hooks on the decoder layers swap in the shortened hidden states, attention mask and
@@ -41,7 +41,7 @@ def check_language_model(lm: nn.Module) -> None:
         or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim"))
     ):
         raise TypeError(
-            "in-LLM methods (fastv, sparsevlm) need a Llama-style language model (layers with input_layernorm, "
+            "in-LLM methods (fastv, sparsevlm, dart) need a Llama-style language model (layers with input_layernorm, "
             f"self_attn.q_proj/k_proj and rotary embeddings); got {type(lm).__name__}"
         )
 
@@ -64,14 +64,25 @@ def check_call_options(model: nn.Module, kwargs: dict) -> None:
     if impl not in CACHE_IMPLEMENTATIONS:
         raise ValueError(
             f"cache_implementation must be one of ({', '.join(map(repr, CACHE_IMPLEMENTATIONS))}) with in-LLM "
-            f"methods (fastv, sparsevlm): their pruned layers cache fewer tokens than the others; got {impl!r}"
+            f"methods (fastv, sparsevlm, dart): their pruned layers cache fewer tokens than the others; got {impl!r}"
         )
     cache = kwargs.get("past_key_values")
     if cache is not None and type(cache) is not DynamicCache:
         raise ValueError(
-            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm): their "
+            "past_key_values must be None or a DynamicCache with in-LLM methods (fastv, sparsevlm, dart): their "
             f"pruned layers cache fewer tokens than the others; got {type(cache).__name__}"
         )
+
+
+def rotary_keys(keys: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> torch.Tensor:
+    """(B, Hkv, L, hd) float32 rotated keys from a layer's ``k_proj`` output keys: (B, L, Hkv * hd).
+
+    cos_sin: rotary (cos, sin), each (B|1, L, hd).
+    """
+    b, length = keys.shape[:2]
+    cos, sin = (t.float().expand(b, -1, -1)[:, None] for t in cos_sin)  # (B, 1, L, hd)
+    k = keys.float().view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    return k * cos + rotate_half(k) * sin
 
 
 @torch.no_grad()
@@ -81,12 +92,15 @@ def attention_probs(
     cos_sin: tuple[torch.Tensor, torch.Tensor],
     key_mask: torch.Tensor,
     queries: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of selected query rows of one decoder layer, recomputed from its input.
 
     hidden: (B, L, D) input of the layer; cos_sin: rotary (cos, sin), each (B|1, L, hd);
     key_mask: (B, L) bool keys that may be attended; queries: (B, Q) long query positions
-    (each query attends causally to keys at or before it).
+    (each query attends causally to keys at or before it); keys: optional (B, L, Hkv * hd) output
+    of the layer's own ``k_proj`` on this input (the pruning hooks capture it as the layer runs, so
+    only the Q query rows are projected here), recomputed when None.
     returns: (B, H, Q, L) float32 probabilities.
     """
     attn = layer.self_attn
@@ -94,16 +108,16 @@ def attention_probs(
     b, length, _ = hidden.shape
     if queries.shape[1] == 0:  # no query rows (e.g. no text to rate with): nothing to compute
         return hidden.new_zeros(b, attn.q_proj.out_features // hd, 0, length, dtype=torch.float32)
-    x = layer.input_layernorm(hidden)
+    x = layer.input_layernorm(hidden)  # (B, L, D)
     cos, sin = (t.float().expand(b, -1, -1) for t in cos_sin)
     xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))  # (B, Q, D)
     q = attn.q_proj(xq).float().view(b, queries.shape[1], -1, hd).transpose(1, 2)  # (B, H, Q, hd)
-    k = attn.k_proj(x).float().view(b, length, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+    k = rotary_keys(attn.k_proj(x) if keys is None else keys, cos_sin, hd)  # (B, Hkv, L, hd)
     qcos = torch.gather(cos, 1, queries[..., None].expand(-1, -1, hd))[:, None]
     qsin = torch.gather(sin, 1, queries[..., None].expand(-1, -1, hd))[:, None]
     q = q * qcos + rotate_half(q) * qsin
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
+    if q.shape[1] != k.shape[1]:  # GQA
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
     allowed = key_mask[:, None, None, :] & (
         torch.arange(length, device=x.device)[None, None, None, :] <= queries[:, None, :, None]
@@ -130,6 +144,7 @@ class _CallState:
     decoded: int = 0  # tokens appended after the prompt so far
     prompt: tuple | None = None  # (embeds, key mask, visual, positions) of the LM input at prefill
     stage_masks: dict = field(default_factory=dict)  # first layer of a stage -> its prompt key mask
+    step_masks: dict = field(default_factory=dict)  # first layer of a stage -> its layer mask this decoding step
 
 
 def _pad_left(rows: list[torch.Tensor], fill: float | int | bool = 0) -> torch.Tensor:
@@ -141,9 +156,16 @@ def _pad_left(rows: list[torch.Tensor], fill: float | int | bool = 0) -> torch.T
     return out
 
 
-def _layer_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype, eager: bool) -> torch.Tensor:
-    """(B, 1, q_len, L) causal mask for the last ``q_len`` positions over keys ``key_mask`` (B, L)."""
+def _layer_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype, eager: bool) -> torch.Tensor | None:
+    """(B, 1, q_len, L) causal mask for the last ``q_len`` positions over keys ``key_mask`` (B, L).
+
+    None under SDPA when every key is real: SDPA then runs causally (``is_causal``) as the stock
+    model does without padding, skipping the masked half of the attention instead of reading an
+    L x L mask.
+    """
     length = key_mask.shape[1]
+    if not eager and (q_len == 1 or q_len == length) and bool(key_mask.all()):
+        return None
     q_pos = torch.arange(length - q_len, length, device=key_mask.device)
     allowed = key_mask[:, None, None, :] & (torch.arange(length, device=key_mask.device)[None, :] <= q_pos[:, None])
     # rows with no allowed key (left padding) attend to themselves, avoiding NaN; their output is unused
@@ -152,6 +174,16 @@ def _layer_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype, eager: b
     if not eager:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _unchanged(out: Stage, hidden: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Whether a stage kept every row exactly as it was: hidden (B, L, D), key_mask / positions (B, L)."""
+    if [h.shape[0] for h in out.hidden] != key_mask.sum(1).tolist():
+        return False
+    return all(
+        torch.equal(h, hidden[row, key_mask[row]]) and torch.equal(p, positions[row, key_mask[row]])
+        for row, (h, p) in enumerate(zip(out.hidden, out.positions))
+    )
 
 
 @contextlib.contextmanager
@@ -178,6 +210,7 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         fresh = cache is None or cache.get_seq_length() == 0
         state.is_prefill = embeds is not None and fresh
+        state.step_masks = {}
         if not state.is_prefill and embeds is not None:
             state.decoded += embeds.shape[1]
         if state.is_prefill:  # a new prompt (or a cache-less step re-running the whole sequence)
@@ -212,27 +245,41 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                     kwargs["attention_mask"] = _layer_mask(state.key_mask, hidden.shape[1], hidden.dtype, eager)
                     kwargs["position_embeddings"] = state.cos_sin
                     kwargs["position_ids"] = state.positions
-                if idx + 1 in prune_at:
-                    state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"]}
+                if idx + 1 in prune_at:  # its k_proj output is captured by key_hook as the layer runs
+                    state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"], "keys": None}
             elif state.pruned_from is not None and idx >= state.pruned_from:
                 # keys of a pruned layer: its shortened prompt, then every token decoded so far
                 new = state.lm_mask[:, state.prompt_len :] if state.lm_mask is not None else None
                 if new is None or new.shape[1] != state.decoded:
                     new = torch.ones(hidden.shape[0], state.decoded, dtype=torch.bool, device=hidden.device)
                 start = max(k for k in state.stage_masks if k <= idx)  # this layer's pruning stage
-                prompt_keys = state.stage_masks[start]
-                keys = torch.cat([prompt_keys, new.bool().to(prompt_keys.device)], dim=1)
-                kwargs["attention_mask"] = _layer_mask(keys, hidden.shape[1], hidden.dtype, eager)
+                if start not in state.step_masks:  # one mask per stage and step, shared by its layers
+                    prompt_keys = state.stage_masks[start]
+                    keys = torch.cat([prompt_keys, new.bool().to(prompt_keys.device)], dim=1)
+                    state.step_masks[start] = _layer_mask(keys, hidden.shape[1], hidden.dtype, eager)
+                kwargs["attention_mask"] = state.step_masks[start]
             return args, kwargs
 
         return hook
+
+    def key_hook(_mod, _args, out):
+        if state.is_prefill and "keys" in state.prev_input:
+            state.prev_input["keys"] = out  # (B, L, Hkv * hd): k_proj of the layer before a pruning layer
 
     def _prune(idx, hidden, kwargs):
         prev = state.prev_input
         prev_layer = layers[idx - 1]
 
         def probs(queries: torch.Tensor) -> torch.Tensor:
-            return attention_probs(prev_layer, prev["hidden"], prev["cos_sin"], state.key_mask, queries)
+            return attention_probs(
+                prev_layer, prev["hidden"], prev["cos_sin"], state.key_mask, queries, keys=prev.get("keys")
+            )
+
+        def keys() -> torch.Tensor:
+            k = prev.get("keys")
+            if k is None:  # pragma: no cover - the hook captures it whenever the layer ran
+                k = prev_layer.self_attn.k_proj(prev_layer.input_layernorm(prev["hidden"]))
+            return rotary_keys(k, prev["cos_sin"], prev_layer.self_attn.head_dim)
 
         ctx = PruneContext(
             layer_idx=idx,
@@ -245,8 +292,11 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
             n_visual_full=state.n_visual_full,
             prompt=state.prompt,
             num_layers=len(layers),
+            keys=keys,
+            norm=lm.norm,
         )
         out: Stage = plan.prune(ctx)
+        state.prev_input = {}
         empty = [row for row, h in enumerate(out.hidden) if h.shape[0] == 0]
         if empty:
             raise ValueError(
@@ -254,6 +304,8 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                 f"prompt is only image placeholders and {plan.name} keeps none of the image's tokens at "
                 f"retention_ratio={plan.retention_ratio}; raise retention_ratio or put text in the prompt"
             )
+        if _unchanged(out, hidden, state.key_mask, state.positions):  # nothing pruned (e.g. R = 1): stock layers
+            return hidden
         state.key_mask = _pad_left([torch.ones(h.shape[0], dtype=torch.bool, device=hidden.device) for h in out.hidden])
         new_hidden = _pad_left(out.hidden)
         state.positions = _pad_left(out.positions)
@@ -267,6 +319,8 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
     handles.append(lm.register_forward_pre_hook(lm_hook, with_kwargs=True))
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make_layer_hook(i), with_kwargs=True))
+        if i + 1 in prune_at:
+            handles.append(layer.self_attn.k_proj.register_forward_hook(key_hook))
     try:
         yield state
     finally:

@@ -32,9 +32,11 @@ def method_config(hf_config: Any) -> MethodConfig:
         raise TypeError(f"hf_overrides[{KEY!r}]['method'] must be a method name, got {method!r}")
     cfg = make_config(method, **options)
     if cfg.where == "llm":
+        other = "form" in cfg.option_names()  # a method with a vision-side form (DART's form='embedding')
         raise ValueError(
             f"method {cfg.name!r} prunes inside the language model; the vLLM plugin serves the vision-side "
             "methods, whose token count vLLM can reserve from the image size"
+            + (f" ({cfg.name}'s vision-side form is form='embedding')" if other else "")
         )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
