@@ -37,46 +37,57 @@ from .base import ImageContext, MethodConfig, Selection, check_choice, selection
 GRANULARITIES = ("image", "view")
 
 
-def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """(T, T) float32 ``1 - cos`` between the rows of x: (T, D), normalised as DivPrune does.
+def cosine_similarity(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """(T, T) float32 cosine similarity between the rows of x: (T, D), normalised as DivPrune does.
 
-    The Gram matrix is symmetric: only blocks on and above the diagonal are multiplied (about
-    half the FLOPs of the full product; the cost that dominates DivPrune at LLaVA-NeXT sizes).
+    Exactly symmetric: only blocks on and above the diagonal are multiplied (about half the FLOPs of
+    the full product, the cost that dominates DivPrune at LLaVA-NeXT sizes) and mirrored below it.
+    ``1 - cosine_similarity(x)`` is DivPrune's distance matrix, bit for bit.
     """
     x = x.float()
     normed = x / x.norm(dim=1, keepdim=True)  # (T, D)
     t = normed.shape[0]
-    gram = torch.empty(t, t, dtype=normed.dtype, device=normed.device)
+    sim = torch.empty(t, t, dtype=normed.dtype, device=normed.device)
     for s in range(0, t, block):  # loop over row blocks, not tokens
         e = min(s + block, t)
         rows = normed[s:e] @ normed[s:].t()  # (b, T - s)
-        gram[s:e, s:] = rows
-        gram[s:, s:e] = rows.t()
-    return gram.neg_().add_(1.0)
+        sim[s:e, s:] = rows
+        sim[s:, s:e] = rows.t()
+    return sim
+
+
+def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """(T, T) float32 ``1 - cos`` between the rows of x: (T, D) (DivPrune's distance matrix)."""
+    return cosine_similarity(x, block).neg_().add_(1.0)
 
 
 def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune's greedy max-min subset of k rows of x: (T, D). returns (k,) long, in the order chosen.
 
-    One vectorised step per chosen token (the greedy is sequential); no per-token Python work.
+    Works on similarities and never forms the (T, T) distance matrix: ``d = fl(1 - s)`` is monotone
+    in s, so the second smallest distance of a row is ``1 -`` its second largest similarity and the
+    minimum distance to the chosen set is ``1 -`` the maximum similarity to it, value for value the
+    same numbers as DivPrune's distances (hence the same picks, ties included). The first pick reads
+    every row's two largest similarities (a contiguous row reduction of the symmetric matrix); each
+    later step one row, the newly chosen token's: an (T,) update, no per-token Python work.
     """
     t = x.shape[0]
     k = max(0, min(int(k), t))
-    chosen = torch.empty(k, dtype=torch.long, device=x.device)
     if k == 0:
-        return chosen
-    dist = cosine_distance(x)  # (T, T)
+        return torch.empty(0, dtype=torch.long, device=x.device)
     if t == 1:
-        return chosen.zero_()
-    score = dist.topk(2, dim=0, largest=False).values[1]  # (T,) distance to the nearest other token
-    nearest = torch.full((t,), float("inf"), device=x.device)  # (T,) min distance to the chosen set
-    for i in range(k):
-        j = score.argmax()
-        chosen[i] = j
-        torch.minimum(nearest, dist[j], out=nearest)  # (T,)
-        nearest[j] = -float("inf")  # a chosen token stays at -inf: min(-inf, d) = -inf
-        score = nearest
-    return chosen
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    sim = cosine_similarity(x)  # (T, T)
+    nearest = sim.topk(2, dim=1).values[:, 1].neg_().add_(1.0)  # (T,) distance to the nearest other token
+    closest = torch.full((t,), -float("inf"), device=x.device)  # (T,) max similarity to the chosen set
+    picks = []
+    for _ in range(k):  # the greedy is sequential: one vectorised step per chosen token
+        j = nearest.argmax(dim=0, keepdim=True)  # (1,)
+        picks.append(j)
+        torch.maximum(closest, sim.index_select(0, j)[0], out=closest)  # (T,)
+        closest.index_fill_(0, j, float("inf"))  # a chosen token stays at distance -inf
+        torch.neg(closest, out=nearest).add_(1.0)  # (T,) min distance to the chosen set
+    return torch.cat(picks)
 
 
 @dataclass(frozen=True)
