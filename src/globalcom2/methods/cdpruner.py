@@ -135,7 +135,7 @@ class CDPrunerConfig(MethodConfig):
         x = x.float()
         sim = x @ x.transpose(1, 2)  # (V, N, N)
         rel = instruction_relevance(feats, ctx.text, self.text_pooling, self.negate)  # (V, N)
-        return rel[:, :, None] * sim * rel[:, None, :]
+        return sim.mul_(rel[:, :, None]).mul_(rel[:, None, :])  # (r_i s_ij) r_j in place, no (V, N, N) copies
 
     def select(self, ctx: ImageContext) -> Selection:
         """T tokens per view by the conditional DPP; crop tokens in the padding are then dropped."""
