@@ -77,7 +77,7 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long, device=x.device)
     if t == 1:
         return torch.zeros(1, dtype=torch.long, device=x.device)
-    sim = cosine_similarity(x)  # (T, T)
+    sim = cosine_similarity(x.detach())  # (T, T); a selection, never differentiated
     nearest = sim.topk(2, dim=1).values[:, 1].neg_().add_(1.0)  # (T,) distance to the nearest other token
     closest = torch.full((t,), -float("inf"), device=x.device)  # (T,) max similarity to the chosen set
     picks = []
