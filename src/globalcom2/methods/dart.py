@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageContext, MethodConfig, Selection, selection_from_order, stock_sequence
+from .. import core
+from .base import ImageContext, MethodConfig, Selection, check_choice, selection_from_order, stock_sequence
 
 
 def duplication_aware_keep(
@@ -80,6 +81,8 @@ class DARTConfig(MethodConfig):
 
     retention_ratio: R in (0, 1]; about ``round(R T)`` of the T stock visual tokens are kept (see above).
     pivot_image_tokens, pivot_text_tokens: pivots of each kind (DART's 4 and 4).
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
+        depends on the image size only, given a prompt of at least ``pivot_text_tokens`` text tokens.
     """
 
     name = "dart"
@@ -89,9 +92,11 @@ class DARTConfig(MethodConfig):
 
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("budget", self.budget, ("authors", "exact"))
         for name in ("pivot_image_tokens", "pivot_text_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -105,6 +110,14 @@ class DARTConfig(MethodConfig):
     def layout_name(self) -> str:
         """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
         return "spatial"
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: P_img + P TOPK (a prompt of >= pivot_text_tokens tokens)."""
+        thumb = torch.arange(ctx.scores.shape[1])
+        t = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box).numel()
+        p_img = min(self.pivot_image_tokens, t)
+        topk = min(int(round(self.retention_ratio * t)), t - p_img) // (p_img + self.pivot_text_tokens)
+        return p_img + (p_img + self.pivot_text_tokens) * topk
 
     def select(self, ctx: ImageContext) -> Selection:
         """Pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""

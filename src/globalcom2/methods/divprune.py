@@ -97,6 +97,8 @@ class DivPruneConfig(MethodConfig):
     retention_ratio: R in (0, 1]; ``round(R T)`` of the T stock visual tokens are kept.
     granularity: "image" (DivPrune's code: one greedy over the whole stock sequence, newlines
         included) or "view" (one greedy per view, ``round(R n_v)`` each, no newlines).
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
+        already depends on the image size only (``globalcom2.num_image_tokens``).
     """
 
     name = "divprune"
@@ -105,10 +107,12 @@ class DivPruneConfig(MethodConfig):
     needs = frozenset({"features"})
 
     granularity: str = "image"
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
     def layout_name(self) -> str:
@@ -117,6 +121,15 @@ class DivPruneConfig(MethodConfig):
 
     def _count(self, t: int) -> int:
         return min(max(int(round(self.retention_ratio * t)), 1), t) if t else 0
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: round(R T) of the T stock tokens (or per view)."""
+        if self.granularity == "view":
+            n_valid = [ctx.scores.shape[1], *ctx.valid.sum(1).tolist()]
+            return sum(self._count(int(c)) for c in n_valid)
+        thumb = torch.arange(ctx.scores.shape[1])
+        stock = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
+        return self._count(stock.numel())
 
     def select(self, ctx: ImageContext) -> Selection:
         """The most diverse tokens of the image (or of each view), emitted in stock order."""
