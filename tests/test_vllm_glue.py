@@ -174,6 +174,6 @@ def test_vllm_selection_glue_gives_the_hf_tokens(name, options):
         out = image_tokens(
             cfg, geo, feats, scores, sizes, model.model.image_newline, model.model.multi_modal_projector, hidden, keys
         )
-    for o, r, rec, size in zip(out, ref, recs, sizes):
+    for o, r, size in zip(out, ref, sizes):
         assert torch.equal(o, r)
         assert o.shape[0] == num_image_tokens(model.config, size, cfg)
