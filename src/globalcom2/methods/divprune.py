@@ -37,7 +37,7 @@ from .base import ImageContext, MethodConfig, Selection, check_choice, selection
 GRANULARITIES = ("image", "view")
 
 
-def cosine_similarity(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+def cosine_similarity(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     """(T, T) float32 cosine similarity between the rows of x: (T, D), normalised as DivPrune does.
 
     Exactly symmetric: only blocks on and above the diagonal are multiplied (about half the FLOPs of
@@ -56,7 +56,7 @@ def cosine_similarity(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return sim
 
 
-def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+def cosine_distance(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     """(T, T) float32 ``1 - cos`` between the rows of x: (T, D) (DivPrune's distance matrix)."""
     return cosine_similarity(x, block).neg_().add_(1.0)
 
@@ -64,12 +64,10 @@ def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
 def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune's greedy max-min subset of k rows of x: (T, D). returns (k,) long, in the order chosen.
 
-    Works on similarities and never forms the (T, T) distance matrix: ``d = fl(1 - s)`` is monotone
-    in s, so the second smallest distance of a row is ``1 -`` its second largest similarity and the
-    minimum distance to the chosen set is ``1 -`` the maximum similarity to it, value for value the
-    same numbers as DivPrune's distances (hence the same picks, ties included). The first pick reads
-    every row's two largest similarities (a contiguous row reduction of the symmetric matrix); each
-    later step one row, the newly chosen token's: an (T,) update, no per-token Python work.
+    The distance matrix is made in place from the exactly symmetric similarity matrix (one (T, T)
+    buffer), so the first pick reads every *row's* two smallest distances (contiguous, the same
+    values as DivPrune's columns) and each later step reads one row, the newly chosen token's: an
+    (T,) update per pick, no per-token Python work and no host sync.
     """
     t = x.shape[0]
     k = max(0, min(int(k), t))
@@ -77,16 +75,17 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long, device=x.device)
     if t == 1:
         return torch.zeros(1, dtype=torch.long, device=x.device)
-    sim = cosine_similarity(x.detach())  # (T, T); a selection, never differentiated
-    nearest = sim.topk(2, dim=1).values[:, 1].neg_().add_(1.0)  # (T,) distance to the nearest other token
-    closest = torch.full((t,), -float("inf"), device=x.device)  # (T,) max similarity to the chosen set
+    dist = cosine_similarity(x.detach()).neg_().add_(1.0)  # (T, T) 1 - cos; a selection, never differentiated
+    nearest = dist.topk(2, dim=1, largest=False).values[:, 1]  # (T,) distance to the nearest other token
     picks = []
     for _ in range(k):  # the greedy is sequential: one vectorised step per chosen token
         j = nearest.argmax(dim=0, keepdim=True)  # (1,)
         picks.append(j)
-        torch.maximum(closest, sim.index_select(0, j)[0], out=closest)  # (T,)
-        closest.index_fill_(0, j, float("inf"))  # a chosen token stays at distance -inf
-        torch.neg(closest, out=nearest).add_(1.0)  # (T,) min distance to the chosen set
+        if len(picks) == 1:
+            nearest = dist.index_select(0, j)[0].clone()  # (T,) min distance to the chosen set
+        else:
+            torch.minimum(nearest, dist.index_select(0, j)[0], out=nearest)  # (T,)
+        nearest.index_fill_(0, j, -float("inf"))  # a chosen token is never chosen again
     return torch.cat(picks)
 
 
