@@ -1,7 +1,9 @@
 """``composed``: GlobalCom²'s crop budgets (allocation=) x any per-crop selector (selector=), issue 12."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import globalcom2
 from conftest import PROMPT, lm_inputs, make_inputs
@@ -274,3 +276,19 @@ def test_viz_draws_a_composed_config(processor):
     cfg = globalcom2.make_config("composed", selector="divprune")
     ps = viz.panels(model, processor, demo_image(300, 220), methods=("composed", cfg), ratios=(0.25,))
     assert len(ps) == 2 and all(p.record.num_tokens > 0 for p in ps)
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_odd_images_and_extreme_ratios(processor, selector):
+    model = tiny_model(seed=5)
+    for w, h in [(1000, 3), (3, 1000), (40, 40)]:
+        for ratio in (1e-3, 1.0):
+            cfg = globalcom2.make_config("composed", retention_ratio=ratio, selector=selector, budget="exact")
+            gc = globalcom2.make_config("globalcom2", retention_ratio=ratio, budget="exact")
+            img = Image.fromarray(np.random.default_rng(w).integers(0, 255, (h, w, 3), dtype=np.uint8))
+            feats, rec = _run(model, processor, cfg, img)
+            _, ref = _run(model, processor, gc, img)
+            assert rec.num_tokens == ref.num_tokens == feats.shape[0], (selector, (w, h), ratio)
+            assert torch.isfinite(feats).all()
+            if ratio == 1.0 and selector != "visionzip":  # every unpadded token, whatever the selector
+                assert torch.equal(rec.selection.crop_keep, rec.valid)
