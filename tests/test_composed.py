@@ -292,3 +292,16 @@ def test_odd_images_and_extreme_ratios(processor, selector):
             assert torch.isfinite(feats).all()
             if ratio == 1.0 and selector != "visionzip":  # every unpadded token, whatever the selector
                 assert torch.equal(rec.selection.crop_keep, rec.valid)
+
+
+def test_bench_runs_composed(tmp_path):
+    import json
+
+    from globalcom2 import bench
+
+    out = tmp_path / "b.json"
+    argv = ["--tiny", "--repeats", "1", "--decode-tokens", "1", "--methods", "composed", "globalcom2",
+            "--ratios", "0.5", "--json", str(out), "--quiet"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert rows["composed"]["visual_tokens"] == rows["globalcom2"]["visual_tokens"]  # the same counts
