@@ -11,12 +11,15 @@ from conftest import PROMPT, lm_inputs, make_inputs
 from globalcom2 import core
 from globalcom2.methods import REGISTRY, GlobalCom2Config, ImageContext
 from globalcom2.models import llava_next as A
-from globalcom2.tiny import demo_image, tiny_config
+from globalcom2.tiny import demo_image, tiny_config, tiny_model
 
-# vision-side methods with a `budget` option (the newer methods of issue 12 have none yet: num_image_tokens
-# refuses them with a clear error, tested below)
+# vision-side methods with a `budget` option: every one of them (issue 12 added it to the newer methods)
 VISION = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" in c.option_names())
 NO_BUDGET = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" not in c.option_names())
+# the newer methods read more than [CLS] scores (features, hidden states, keys, the prompt): their counts are
+# checked against real runs of the tiny model below; the rest on hand-made scores of every kind
+NEWER = ("visionzip", "divprune", "dart", "cdpruner")
+SCORE_ONLY = [n for n in VISION if n not in NEWER]
 IN_LLM = sorted(n for n, c in REGISTRY.items() if c.where == "llm")
 EXTREME = [(1, 4000), (4000, 1), (1, 1), (2, 3), (900, 8), (8, 900), (112, 112), (224, 112), (47, 752), (5000, 5000)]
 RATIOS = [1.0, 0.95, 0.9, 0.5, 0.25, 0.1, 1e-3, 1e-6]
@@ -156,7 +159,7 @@ def test_globalcom2_exact_count_is_the_formula_for_any_content():
             assert rec.num_tokens == k, (size, ratio, layout, allocation, draw)
 
 
-@pytest.mark.parametrize("name", VISION)
+@pytest.mark.parametrize("name", SCORE_ONLY)
 def test_every_vision_method_emits_num_image_tokens_with_exact_budget(name):
     cfg = tiny_config()
     geo = A.Geometry.from_config(cfg)
@@ -397,9 +400,96 @@ def test_readme_table_formulas_for_the_other_methods():
             assert got == k, (name, unpad, size, ratio)
 
 
-@pytest.mark.parametrize("name", NO_BUDGET)
-def test_methods_without_a_declared_count_are_refused_clearly(name):
-    with pytest.raises(ValueError, match="does not declare a token count"):
-        globalcom2.num_image_tokens(tiny_config(), (300, 220), method=name)
-    with pytest.raises(TypeError, match="does not take option"):
-        globalcom2.make_config(name, budget="exact")
+def test_every_vision_method_has_a_budget_option():
+    assert NO_BUDGET == [] and set(NEWER) <= set(VISION)
+
+
+# ---------------------------------------------------------------- the newer methods (issue 12), real runs
+
+NEWER_OPTIONS = [
+    ("visionzip", {}),
+    ("visionzip", {"contextual_share": 0.3}),
+    ("divprune", {}),
+    ("divprune", {"granularity": "view"}),
+    ("dart", {}),
+    ("dart", {"pivot_image_tokens": 2, "pivot_text_tokens": 3}),
+    ("cdpruner", {"budget": "exact"}),
+    ("cdpruner", {"budget": "exact", "text_pooling": "tokens"}),
+    ("composed", {"selector": "visionzip", "budget": "exact"}),
+    ("composed", {"selector": "cdpruner", "allocation": "uniform", "layout": "spatial"}),
+]
+
+
+@pytest.mark.parametrize("name,opts", NEWER_OPTIONS)
+def test_newer_methods_emit_num_image_tokens_for_any_picture(processor, name, opts):
+    model = tiny_model(seed=7)
+    sizes = [(300, 220), (150, 400), (500, 120), (90, 300), (40, 900), (224, 224)]
+    for i, (w, h) in enumerate(sizes):
+        ratio = (0.9, 0.5, 0.25, 0.1, 0.33, 1.0)[i]
+        method = globalcom2.make_config(name, retention_ratio=ratio, **opts)
+        expected = globalcom2.num_image_tokens(model, (h, w), method=method)
+        counts = set()
+        for seed in range(2):
+            inputs = make_inputs(processor, [demo_image(w, h, seed=seed)])
+            noise = torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
+            for pixels in (inputs["pixel_values"], noise * 4 - 2):  # a picture and pure noise
+                _, recs = A.compress(model, method, pixels, inputs["image_sizes"], inputs["input_ids"])
+                counts.add(recs[0].num_tokens)
+        assert counts == {expected}, (name, opts, (w, h), ratio, counts)
+        if name in NEWER and name != "cdpruner":  # already size-only: budget="exact" is a no-op
+            assert globalcom2.num_image_tokens(model, (h, w), method=method, budget="exact") == expected
+
+
+def test_newer_method_counts_are_their_formulas():
+    cfg = tiny_config()
+    geo = A.Geometry.from_config(cfg)
+    n_view = geo.side**2
+    for i, size in enumerate(_sizes(seed=11, n=60)):
+        ratio = RATIOS[i % len(RATIOS)]
+        nph, npw = geo.grid(size)
+        n = nph * npw
+        stock = geo.stock_tokens(size)
+        k = min(max(1, math.floor(n_view * ratio + 0.5)), n_view)
+        assert globalcom2.num_image_tokens(cfg, size, "visionzip", retention_ratio=ratio) == (1 + n) * k
+        assert globalcom2.num_image_tokens(cfg, size, "divprune", retention_ratio=ratio) == min(
+            max(round(ratio * stock), 1), stock
+        )
+        topk = min(round(ratio * stock), stock - 4) // 8
+        assert globalcom2.num_image_tokens(cfg, size, "dart", retention_ratio=ratio) == 4 + 8 * topk
+        box = core.unpadded_box((nph, npw), geo.side, size)  # CDPruner truncates like the authors' unpad_image
+        n_tok = core.box_mask(box, (nph, npw), geo.side).sum(1)
+        per_view = [min(max(1, round(ratio * int(c))), int(c)) for c in [n_view, *n_tok.tolist()]]
+        exact = globalcom2.num_image_tokens(cfg, size, "cdpruner", retention_ratio=ratio, budget="exact")
+        assert exact == sum(per_view) + (box[1] - box[0]), (size, ratio)
+
+
+def test_cdpruner_exact_budget_picks_inside_the_unpadded_tokens(processor):
+    model = tiny_model(seed=7)
+    inputs = make_inputs(processor, [demo_image(500, 120, seed=1)])  # crops with letterbox padding
+    authors = globalcom2.make_config("cdpruner", retention_ratio=0.5)
+    exact = globalcom2.make_config("cdpruner", retention_ratio=0.5, budget="exact")
+    _, (a,) = A.compress(model, authors, inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"])
+    _, (e,) = A.compress(model, exact, inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"])
+    n_tok = e.valid.sum(1)
+    assert e.selection.crop_keep.sum(1).tolist() == [min(max(1, round(0.5 * int(c))), int(c)) for c in n_tok]
+    assert torch.equal(e.selection.thumb_keep, a.selection.thumb_keep)  # no padding in the thumbnail: theirs
+    assert not (e.selection.crop_keep & ~e.valid).any() and not (a.selection.crop_keep & ~a.valid).any()
+    with pytest.raises(ValueError, match=r"'cdpruner' drops the picks .* pass budget='exact'"):
+        globalcom2.num_image_tokens(model, (120, 500), method=authors)
+
+
+def test_dpp_greedy_candidates_and_order():
+    from globalcom2.methods.cdpruner import dpp_greedy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, generator=g)
+    kernel = x @ x.transpose(1, 2)
+    full = dpp_greedy(kernel, 4, ordered=True)
+    assert torch.equal(dpp_greedy(kernel, 4), full.sort(dim=1).values)
+    assert torch.equal(dpp_greedy(kernel, 2, ordered=True), full[:, :2])  # prefix-consistent
+    cand = torch.zeros(2, 9, dtype=torch.bool)
+    cand[:, 3:7] = True
+    picks = dpp_greedy(kernel, 4, cand, ordered=True)
+    assert bool(((picks >= 3) & (picks < 7)).all()) and picks[0].unique().numel() == 4
+    sub = dpp_greedy(kernel[:, 3:7, 3:7], 4, ordered=True) + 3  # the same greedy on the candidates alone
+    assert torch.equal(picks, sub)

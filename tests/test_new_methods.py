@@ -187,6 +187,30 @@ def test_divprune_blockwise_distance_is_the_full_one():
     torch.testing.assert_close(blocked, full, rtol=0, atol=1e-6)
 
 
+def test_divprune_similarity_greedy_equals_the_distance_greedy_and_the_oracle():
+    from globalcom2.methods.divprune import cosine_distance, max_min_diverse
+    from reference_divprune import reference_keep
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        t = int(torch.randint(2, 40, (1,), generator=g))
+        x = torch.randn(t, 8, generator=g)
+        x[torch.randint(t, (t // 3,), generator=g)] = x[0].clone()  # exact duplicates, like the newline tokens
+        dist = cosine_distance(x)
+        # the distance-matrix greedy, written out: second smallest of each column, then min to the chosen set
+        score, picks = dist.topk(2, dim=0, largest=False).values[1], []
+        nearest = torch.full((t,), float("inf"))
+        for _ in range(t):
+            j = int(score.argmax())
+            picks.append(j)
+            nearest = torch.minimum(nearest, dist[j])
+            nearest[picks] = -float("inf")
+            score = nearest
+        for k in (1, t // 2, t):
+            assert max_min_diverse(x, k).tolist() == picks[:k], (trial, k)
+            assert sorted(picks[:k]) == reference_keep(x, k / t), (trial, k)
+
+
 def test_divprune_per_view(processor):
     model = tiny_model()
     inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")

@@ -104,3 +104,76 @@ def test_bench_table_and_arguments():
             bench.main(argv)
     shape = bench.model_shape(2, 2)
     assert (shape["vision_hidden"], shape["text_hidden"], shape["text_intermediate"]) == (1024, 4096, 11008)
+
+
+# ---------------------------------------------------------------- the newer methods (issue 12) in vLLM
+
+
+def test_methods_that_read_the_prompt_are_refused_at_engine_start():
+    cfg = tiny_config()
+    refused = [
+        {"method": "cdpruner"},
+        {"method": "dart", "retention_ratio": 0.3},
+        {"method": "composed", "selector": "cdpruner"},
+        {"method": "composed", "selector": "dart", "budget": "exact"},
+    ]
+    for raw in refused:
+        cfg.globalcom2 = raw
+        with pytest.raises(ValueError, match=r"against the prompt's text embeddings \(text\); vLLM computes an image"):
+            method_config(cfg)
+    cfg.globalcom2 = {"method": "composed", "selector": "dart"}
+    with pytest.raises(ValueError, match=r"method 'composed' with selector='dart'"):
+        method_config(cfg)
+    served = {
+        "divprune": "authors",  # size-only already: served as asked
+        "visionzip": "authors",
+    }
+    for name, budget in served.items():
+        cfg.globalcom2 = {"method": name, "budget": budget}
+        assert method_config(cfg).name == name
+    cfg.globalcom2 = {"method": "composed", "selector": "divprune"}
+    assert method_config(cfg).budget == "exact"  # GlobalCom²'s allocation: made size-only as for globalcom2
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("globalcom2", {"budget": "exact"}),
+        ("fastervlm", {}),
+        ("visionzip", {}),
+        ("divprune", {}),
+        ("divprune", {"granularity": "view"}),
+        ("composed", {"selector": "visionzip", "budget": "exact"}),
+        ("composed", {"selector": "divprune", "allocation": "uniform"}),
+    ],
+)
+def test_vllm_selection_glue_gives_the_hf_tokens(name, options):
+    from globalcom2 import make_config, num_image_tokens
+    from globalcom2.integrations.vllm.select import image_tokens
+    from globalcom2.models import llava_next as A
+    from globalcom2.tiny import demo_image
+
+    model, processor = tiny_model(seed=0), tiny_processor()
+    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)]
+    inputs = processor(
+        images=imgs, text=["<image>"] * 2, return_tensors="pt", input_data_format="channels_last", padding=True
+    )
+    cfg = make_config(name, retention_ratio=0.4, **options)
+    with torch.no_grad():
+        ref, recs = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+        layer, kind = cfg.score_source
+        feats, scores, sizes, hs = A.encode_views(
+            model, inputs["pixel_values"], inputs["image_sizes"], score=kind, score_layer=layer, return_hidden=True
+        )
+        n_views = [f.shape[0] for f in feats]
+        feature_layer = model.config.vision_feature_layer
+        hidden = list(hs[feature_layer].split(n_views))  # what the vLLM model hands over
+        score_layer = feature_layer if layer is None else layer
+        keys = list(A._layer_keys(model.model.vision_tower, hs, score_layer).split(n_views))
+        geo = A.Geometry.from_config(model.config)
+        out = image_tokens(
+            cfg, geo, feats, scores, sizes, model.model.image_newline, model.model.multi_modal_projector, hidden, keys
+        )
+    for o, r, size in zip(out, ref, sizes):
+        assert torch.equal(o, r)
+        assert o.shape[0] == num_image_tokens(model.config, size, cfg)

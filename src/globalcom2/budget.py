@@ -12,6 +12,13 @@ views of S x S tokens (N = S²), a crop grid of nph x npw crops and N_j unpadded
   k_crops = round(R sum_j N_j) (halves up), capped so that K never exceeds N + H (W + 1), the stock
   count of the H x W unpadded box;
 * with ``allocation="uniform"`` (any budget) and FasterVLM: the sum of every view's own count;
+* ``composed``: GlobalCom²'s count with the same allocation, budget and layout, whatever the selector;
+* methods that decide their emission order themselves give their count as ``fixed_count(ctx)``:
+  VisionZip ``(1 + n) K``, K = max(1, round(N R)); DivPrune ``round(R T)`` of the T stock tokens
+  (``granularity="view"``: round(R n_v) per view, no newlines); DART ``P_img + P TOPK`` (a prompt with
+  at least ``pivot_text_tokens`` text tokens); CDPruner with ``budget="exact"``: max(1, round(R n_v))
+  of every view's n_v unpadded tokens plus stock's newlines (its default drops the picks that land in
+  the letterbox padding, a count that depends on the pixels);
 * newlines: layout "authors" puts one after every row of the padded grid (nph S), "spatial" one
   after every unpadded row (H, as stock), "flat" none.
 
@@ -100,8 +107,10 @@ def num_image_tokens(
         )
     if model is not None:
         cfg.check_model(model)
-    if not hasattr(cfg, "fixed_budget"):
+    if not hasattr(cfg, "fixed_budget") and not hasattr(cfg, "fixed_count"):
         raise ValueError(f"method {cfg.name!r} does not declare a token count that depends on the image size only")
     ctx = geometry_context(cfg, model_cfg, size)
+    if hasattr(cfg, "fixed_count"):  # methods that emit their own order (merged tokens, stock sequence subsets)
+        return int(cfg.fixed_count(ctx))
     k0, k = cfg.fixed_budget(ctx)
     return int(cfg.order(canonical_selection(ctx, k0, k), ctx).numel())

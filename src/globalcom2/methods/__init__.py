@@ -10,6 +10,7 @@ from typing import Any
 from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
 from .base import ImageContext, MethodConfig, Selection, check_concrete
 from .cdpruner import CDPrunerConfig
+from .composed import ComposedConfig
 from .dart import DARTConfig
 from .divprune import DivPruneConfig
 from .fastervlm import FasterVLMConfig
@@ -30,6 +31,7 @@ __all__ = [
     "DivPruneConfig",
     "CDPrunerConfig",
     "DARTConfig",
+    "ComposedConfig",
     "RandomConfig",
     "REGISTRY",
     "available_methods",
@@ -38,6 +40,7 @@ __all__ = [
 
 _ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
 _ALL += (VisionZipConfig, DivPruneConfig, DARTConfig, CDPrunerConfig)  # newer methods beside GlobalCom² (issue 12)
+_ALL += (ComposedConfig,)  # GlobalCom²'s crop budgets x any per-crop selector (issue 12)
 REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 

@@ -67,13 +67,22 @@ def instruction_relevance(
     return (rel - rel.min() + 1e-6) / span
 
 
-def dpp_greedy(kernel: torch.Tensor, t: int) -> torch.Tensor:
-    """Fast greedy MAP of a DPP per batch row. kernel: (B, N, N) PSD; returns (B, t) long, ascending."""
+def dpp_greedy(
+    kernel: torch.Tensor, t: int, candidates: torch.Tensor | None = None, ordered: bool = False
+) -> torch.Tensor:
+    """Fast greedy MAP of a DPP per batch row. kernel: (B, N, N) PSD; returns (B, t) long, ascending.
+
+    candidates: optional (B, N) bool; other tokens are never picked while a candidate is left (their
+    gain starts at -inf). ordered: return the picks in the order chosen instead of ascending; the
+    greedy is prefix-consistent, so the first t' of them are the greedy's picks for t'.
+    """
     b, n, _ = kernel.shape
     t = max(0, min(int(t), n))
     rows = torch.arange(b, device=kernel.device)
     cis = torch.zeros(t, b, n, dtype=kernel.dtype, device=kernel.device)  # (T, B, N) Cholesky rows
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (B, N) marginal gains
+    if candidates is not None:
+        di2s = di2s.masked_fill(~candidates.to(di2s.device), -float("inf"))
     chosen = torch.empty(t, b, dtype=torch.long, device=kernel.device)
     for i in range(t):  # one step per chosen token, vectorised over tokens and views
         j = di2s.argmax(dim=-1)  # (B,)
@@ -85,7 +94,7 @@ def dpp_greedy(kernel: torch.Tensor, t: int) -> torch.Tensor:
         cis[i] = eis
         di2s = di2s - eis.square()
         di2s[rows, j] = -float("inf")
-    return chosen.t().sort(dim=1).values
+    return chosen.t() if ordered else chosen.t().sort(dim=1).values
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ class CDPrunerConfig(MethodConfig):
     retention_ratio: R in (0, 1]; every view keeps ``T = max(1, round(N R))`` tokens before unpadding.
     text_pooling: "mean" (one instruction vector, like CLIP's text embedding) or "tokens".
     negate: CDPruner's sign of the relevance (True, theirs) or the opposite.
+    budget: "authors" (theirs: T per view over all N tokens, the picks that land in a crop's letterbox
+        padding then dropped, so the count depends on the pixels) or "exact": the DPP picks among each
+        view's n_v unpadded tokens only, ``max(1, round(n_v R))`` of them (``round(N R)`` for the
+        thumbnail and for crops without padding, as theirs), a count set by the image size alone.
     """
 
     name = "cdpruner"
@@ -104,10 +117,12 @@ class CDPrunerConfig(MethodConfig):
 
     text_pooling: str = "mean"
     negate: bool = True
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("text_pooling", self.text_pooling, POOLINGS)
+        check_choice("budget", self.budget, ("authors", "exact"))
         if not isinstance(self.negate, bool):
             raise TypeError(f"negate must be True or False, got {self.negate!r}")
 
@@ -135,16 +150,49 @@ class CDPrunerConfig(MethodConfig):
         x = x.float()
         sim = x @ x.transpose(1, 2)  # (V, N, N)
         rel = instruction_relevance(feats, ctx.text, self.text_pooling, self.negate)  # (V, N)
-        return rel[:, :, None] * sim * rel[:, None, :]
+        return sim.mul_(rel[:, :, None]).mul_(rel[:, None, :])  # (r_i s_ij) r_j in place, no (V, N, N) copies
+
+    def view_counts(self, ctx: ImageContext) -> torch.Tensor:
+        """(V,) long tokens each view keeps under ``budget="exact"``: max(1, round(n_v R)) of n_v unpadded."""
+        n_valid = torch.cat([torch.tensor([ctx.scores.shape[1]]), ctx.valid.sum(1).cpu()])  # (V,)
+        t = torch.round(n_valid.double() * self.retention_ratio).long().clamp(min=1)
+        return torch.minimum(t, n_valid)
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry (``budget="exact"`` only), stock newlines included."""
+        if self.budget != "exact":
+            raise ValueError(
+                "with budget='authors', method 'cdpruner' drops the picks that land in a crop's letterbox padding, "
+                "so its token count depends on the image's content; pass budget='exact' for a count that depends "
+                "on the image size only"
+            )
+        t = self.view_counts(ctx)
+        rank = ctx.valid.long().cumsum(1)  # (n, N) 1-based rank among the unpadded tokens
+        crop_keep = ctx.valid & (rank <= t[1:, None].to(rank.device))
+        sel = Selection(torch.arange(int(t[0])), crop_keep, torch.zeros(crop_keep.shape[0], dtype=torch.float64))
+        return int(self.order(sel, ctx).numel())
 
     def select(self, ctx: ImageContext) -> Selection:
         """T tokens per view by the conditional DPP; crop tokens in the padding are then dropped."""
         v, n_tok = ctx.scores.shape
-        t = min(max(1, round(n_tok * self.retention_ratio)), n_tok)
-        with torch.no_grad():
-            chosen = dpp_greedy(self.kernel(ctx), t)  # (V, T)
-        keep = torch.zeros(v, n_tok, dtype=torch.bool, device=chosen.device).scatter_(1, chosen, True)
-        valid = ctx.valid.to(keep.device)
-        crop_keep = keep[1:] & valid
-        ratios = (crop_keep.sum(1).double() / valid.sum(1).clamp(min=1).double()).cpu()
-        return Selection(chosen[0], crop_keep, ratios)
+        valid = ctx.valid.to(ctx.scores.device)
+        if self.budget == "exact":
+            t = self.view_counts(ctx).to(valid.device)  # (V,)
+            cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=valid.device), valid])  # (V, N)
+            with torch.no_grad():
+                order = dpp_greedy(self.kernel(ctx), int(t.max()), cand.to(ctx.features.device), ordered=True)
+            first = torch.arange(order.shape[1], device=order.device)[None] < t[:, None].to(order.device)  # (V, T)
+            view, rank = first.nonzero(as_tuple=True)
+            keep = torch.zeros(v, n_tok, dtype=torch.bool, device=order.device)
+            keep[view, order[view, rank]] = True
+            crop_keep = keep[1:] & valid.to(keep.device)
+            thumb = keep[0].nonzero().squeeze(1)
+        else:
+            t = min(max(1, round(n_tok * self.retention_ratio)), n_tok)
+            with torch.no_grad():
+                chosen = dpp_greedy(self.kernel(ctx), t)  # (V, T)
+            keep = torch.zeros(v, n_tok, dtype=torch.bool, device=chosen.device).scatter_(1, chosen, True)
+            crop_keep = keep[1:] & valid.to(keep.device)
+            thumb = chosen[0]
+        ratios = (crop_keep.sum(1).double() / ctx.valid.sum(1).clamp(min=1).double().to(keep.device)).cpu()
+        return Selection(thumb, crop_keep, ratios)

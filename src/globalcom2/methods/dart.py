@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import core
 from .base import (
     ImageContext,
     MethodConfig,
@@ -144,6 +145,8 @@ class DARTConfig(MethodConfig):
         "embedding" (before the language model, on its input embeddings, per image).
     k: with form="llm", prune before decoder layer K (0-based) using layer K-1; 1 <= K < num layers.
     pivot_image_tokens, pivot_text_tokens: pivots of each kind (DART's 4 and 4).
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
+        depends on the image size only, given a prompt of at least ``pivot_text_tokens`` text tokens.
     """
 
     name = "dart"
@@ -157,6 +160,7 @@ class DARTConfig(MethodConfig):
     k: int = 2
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +168,12 @@ class DARTConfig(MethodConfig):
         if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) or self.k < 1:
             raise ValueError(f"k must be an int >= 1 (prune before layer K using layer K-1's keys), got {self.k!r}")
         object.__setattr__(self, "k", int(self.k))
+        check_choice("budget", self.budget, ("authors", "exact"))
+        if self.form == "llm" and self.budget != "authors":
+            raise ValueError(
+                "budget applies to dart's form='embedding' only: with form='llm' the tokens are pruned inside the "
+                f"language model; got budget={self.budget!r}"
+            )
         for name in ("pivot_image_tokens", "pivot_text_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -189,6 +199,14 @@ class DARTConfig(MethodConfig):
     def layout_name(self) -> str:
         """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
         return "spatial"
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: P_img + P TOPK (a prompt of >= pivot_text_tokens tokens)."""
+        thumb = torch.arange(ctx.scores.shape[1])
+        t = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box).numel()
+        p_img = min(self.pivot_image_tokens, t)
+        topk = min(int(round(self.retention_ratio * t)), t - p_img) // (p_img + self.pivot_text_tokens)
+        return p_img + (p_img + self.pivot_text_tokens) * topk
 
     # -- embedding form ------------------------------------------------------------------------
 

@@ -37,46 +37,56 @@ from .base import ImageContext, MethodConfig, Selection, check_choice, selection
 GRANULARITIES = ("image", "view")
 
 
-def cosine_distance(x: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """(T, T) float32 ``1 - cos`` between the rows of x: (T, D), normalised as DivPrune does.
+def cosine_similarity(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """(T, T) float32 cosine similarity between the rows of x: (T, D), normalised as DivPrune does.
 
-    The Gram matrix is symmetric: only blocks on and above the diagonal are multiplied (about
-    half the FLOPs of the full product; the cost that dominates DivPrune at LLaVA-NeXT sizes).
+    Exactly symmetric: only blocks on and above the diagonal are multiplied (about half the FLOPs of
+    the full product, the cost that dominates DivPrune at LLaVA-NeXT sizes) and mirrored below it.
+    ``1 - cosine_similarity(x)`` is DivPrune's distance matrix, bit for bit.
     """
     x = x.float()
     normed = x / x.norm(dim=1, keepdim=True)  # (T, D)
     t = normed.shape[0]
-    gram = torch.empty(t, t, dtype=normed.dtype, device=normed.device)
+    sim = torch.empty(t, t, dtype=normed.dtype, device=normed.device)
     for s in range(0, t, block):  # loop over row blocks, not tokens
         e = min(s + block, t)
         rows = normed[s:e] @ normed[s:].t()  # (b, T - s)
-        gram[s:e, s:] = rows
-        gram[s:, s:e] = rows.t()
-    return gram.neg_().add_(1.0)
+        sim[s:e, s:] = rows
+        sim[s:, s:e] = rows.t()
+    return sim
+
+
+def cosine_distance(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """(T, T) float32 ``1 - cos`` between the rows of x: (T, D) (DivPrune's distance matrix)."""
+    return cosine_similarity(x, block).neg_().add_(1.0)
 
 
 def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune's greedy max-min subset of k rows of x: (T, D). returns (k,) long, in the order chosen.
 
-    One vectorised step per chosen token (the greedy is sequential); no per-token Python work.
+    The distance matrix is made in place from the exactly symmetric similarity matrix (one (T, T)
+    buffer), so the first pick reads every *row's* two smallest distances (contiguous, the same
+    values as DivPrune's columns) and each later step reads one row, the newly chosen token's: an
+    (T,) update per pick, no per-token Python work and no host sync.
     """
     t = x.shape[0]
     k = max(0, min(int(k), t))
-    chosen = torch.empty(k, dtype=torch.long, device=x.device)
     if k == 0:
-        return chosen
-    dist = cosine_distance(x)  # (T, T)
+        return torch.empty(0, dtype=torch.long, device=x.device)
     if t == 1:
-        return chosen.zero_()
-    score = dist.topk(2, dim=0, largest=False).values[1]  # (T,) distance to the nearest other token
-    nearest = torch.full((t,), float("inf"), device=x.device)  # (T,) min distance to the chosen set
-    for i in range(k):
-        j = score.argmax()
-        chosen[i] = j
-        torch.minimum(nearest, dist[j], out=nearest)  # (T,)
-        nearest[j] = -float("inf")  # a chosen token stays at -inf: min(-inf, d) = -inf
-        score = nearest
-    return chosen
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    dist = cosine_similarity(x.detach()).neg_().add_(1.0)  # (T, T) 1 - cos; a selection, never differentiated
+    nearest = dist.topk(2, dim=1, largest=False).values[:, 1]  # (T,) distance to the nearest other token
+    picks = []
+    for _ in range(k):  # the greedy is sequential: one vectorised step per chosen token
+        j = nearest.argmax(dim=0, keepdim=True)  # (1,)
+        picks.append(j)
+        if len(picks) == 1:
+            nearest = dist.index_select(0, j)[0].clone()  # (T,) min distance to the chosen set
+        else:
+            torch.minimum(nearest, dist.index_select(0, j)[0], out=nearest)  # (T,)
+        nearest.index_fill_(0, j, -float("inf"))  # a chosen token is never chosen again
+    return torch.cat(picks)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,8 @@ class DivPruneConfig(MethodConfig):
     retention_ratio: R in (0, 1]; ``round(R T)`` of the T stock visual tokens are kept.
     granularity: "image" (DivPrune's code: one greedy over the whole stock sequence, newlines
         included) or "view" (one greedy per view, ``round(R n_v)`` each, no newlines).
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
+        already depends on the image size only (``globalcom2.num_image_tokens``).
     """
 
     name = "divprune"
@@ -94,10 +106,12 @@ class DivPruneConfig(MethodConfig):
     needs = frozenset({"features"})
 
     granularity: str = "image"
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
     def layout_name(self) -> str:
@@ -106,6 +120,15 @@ class DivPruneConfig(MethodConfig):
 
     def _count(self, t: int) -> int:
         return min(max(int(round(self.retention_ratio * t)), 1), t) if t else 0
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: round(R T) of the T stock tokens (or per view)."""
+        if self.granularity == "view":
+            n_valid = [ctx.scores.shape[1], *ctx.valid.sum(1).tolist()]
+            return sum(self._count(int(c)) for c in n_valid)
+        thumb = torch.arange(ctx.scores.shape[1])
+        stock = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
+        return self._count(stock.numel())
 
     def select(self, ctx: ImageContext) -> Selection:
         """The most diverse tokens of the image (or of each view), emitted in stock order."""

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_number
+from .base import ImageContext, MethodConfig, Selection, check_choice, check_number
 
 
 def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
@@ -82,6 +82,8 @@ class VisionZipConfig(MethodConfig):
     retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens.
     contextual_share: share of K given to merged contextual tokens, ``C = round(K share)``
         (VisionZip's 10 of 64).
+    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
+        ``(1 + n) K`` already depends on the image size only (``globalcom2.num_image_tokens``).
     """
 
     name = "visionzip"
@@ -90,10 +92,12 @@ class VisionZipConfig(MethodConfig):
     needs = frozenset({"hidden", "keys"})
 
     contextual_share: float = 10 / 64
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number("contextual_share", self.contextual_share, 0.0, 1.0, low_open=False, high_open=True)
+        check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
     def score_source(self) -> tuple[int | None, str]:
@@ -108,6 +112,10 @@ class VisionZipConfig(MethodConfig):
     def view_budget(self, n_tokens: int) -> int:
         """Tokens kept of a view with ``n_tokens`` patches."""
         return min(max(1, round(n_tokens * self.retention_ratio)), n_tokens)
+
+    def fixed_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: K per view ([CLS] + dominant + contextual), (1 + n) K."""
+        return ctx.scores.shape[0] * self.view_budget(ctx.scores.shape[1])
 
     def select(self, ctx: ImageContext) -> Selection:
         """Dominant + contextual tokens of every view, emitted in VisionZip's LLaVA-NeXT order."""

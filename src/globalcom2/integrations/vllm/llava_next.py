@@ -33,6 +33,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...budget import num_image_tokens
 from ...models import llava_next as adapter
 from .options import method_config
+from .select import image_tokens
 
 _SCORE_WEIGHT = re.compile(
     r"(?:^|\.)vision_tower\.vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)"
@@ -113,14 +114,15 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
 
     # -- vision side -------------------------------------------------------------------------
 
-    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V, N, D_llm) projected patch features and (V, N) [CLS] scores, the HF path's ``encode_views``."""
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """(V, N, D_llm) projected patch features, (V, N) [CLS] scores (the HF path's ``encode_views``) and
+        the tower's hidden states [embeddings, layer 1..L'], each (V, 1+N, D_v)."""
         vm = self.vision_tower.vision_model
         h = vm.pre_layrnorm(vm.embeddings(pixel_values))  # (V, 1+N, D_v)
         hs = vm.encoder(inputs_embeds=h, return_all_hidden_states=True)  # [embeddings, layer 1..L'] (V, 1+N, D_v)
         feats = self.multi_modal_projector(hs[self._feature_pos][:, 1:])  # (V, N, D_llm)
         scores = adapter._cls_scores(self._score_tower, hs, self._score_kind, self._score_pos + 1)  # (V, N)
-        return feats, scores
+        return feats, scores, hs
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
         """Per image, the (K_i, D_llm) features the method keeps, K_i = ``num_image_tokens`` of its size."""
@@ -133,14 +135,16 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         geo, cfg = self._geometry, self.globalcom2_config
         n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
         views = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)])  # (sum V_i, C, H, W)
-        feats, scores = self._encode(views)
-        newline = self.image_newline[None]  # (1, D_llm)
-        out = []
-        for f, s, size in zip(feats.split(n_views), scores.split(n_views), sizes):
-            rec = adapter.select_image(cfg, s, size, geo)  # index 0: an image's tokens never depend on its batch
-            source = torch.cat([f.flatten(0, 1), newline.to(f.dtype)])  # (V_i N + 1, D_llm)
-            out.append(source[rec.order.to(f.device)])  # (K_i, D_llm)
-        return out
+        feats, scores, hs = self._encode(views)
+        hidden = keys = None
+        if "hidden" in cfg.needs:  # VisionZip: the feature layer's hidden states, [CLS] first
+            hidden = list(hs[self._feature_pos].split(n_views))
+        if "keys" in cfg.needs:  # VisionZip's merge metric: the score layer's head-averaged keys
+            keys = list(adapter._layer_keys(self._score_tower, hs, self._score_pos).split(n_views))
+        return image_tokens(
+            cfg, geo, list(feats.split(n_views)), list(scores.split(n_views)), sizes, self.image_newline,
+            self.multi_modal_projector, hidden, keys,
+        )  # fmt: skip
 
     # -- weights -----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from ...budget import num_image_tokens
 from ...methods import MethodConfig, make_config
+from .select import SERVABLE_NEEDS
 
 ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
 KEY = "globalcom2"
@@ -19,7 +20,9 @@ def method_config(hf_config: Any) -> MethodConfig:
     methods that prune inside the language model are refused, and for a method whose count depends on
     the pixels (GlobalCom² and ``random`` with a non-uniform allocation, the Table I crop-dropping
     variants) ``budget`` defaults to ``"exact"`` here; an explicit ``budget="authors"`` there fails with
-    the library's error. Raises the library's ValueError/TypeError, so a bad setting stops engine start.
+    the library's error. Methods that read the prompt's text (``cdpruner``, ``dart``, ``composed`` with
+    those selectors) are refused: vLLM embeds an image without its prompt. Raises the library's
+    ValueError/TypeError, so a bad setting stops engine start.
     """
     raw = getattr(hf_config, KEY, None)
     if raw is None:
@@ -37,6 +40,15 @@ def method_config(hf_config: Any) -> MethodConfig:
             f"method {cfg.name!r} prunes inside the language model; the vLLM plugin serves the vision-side "
             "methods, whose token count vLLM can reserve from the image size"
             + (f" ({cfg.name}'s vision-side form is form='embedding')" if other else "")
+        )
+    unservable = sorted(set(cfg.needs) - SERVABLE_NEEDS)
+    if unservable:
+        what = f"method {cfg.name!r}" + (f" with selector={cfg.selector!r}" if cfg.name == "composed" else "")
+        raise ValueError(
+            f"{what} ranks visual tokens against the prompt's text embeddings ({', '.join(unservable)}); vLLM "
+            "computes an image's embedding without its prompt (and reuses it across prompts), so the vLLM plugin "
+            "cannot serve it. Use globalcom2.apply on the Hugging Face model, or a method that reads the image "
+            "alone (globalcom2, fastervlm, visionzip, divprune, composed with those selectors)"
         )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
