@@ -15,6 +15,7 @@ from globalcom2.tiny import demo_image, tiny_config, tiny_model
 
 # vision-side methods with a `budget` option: every one of them (issue 12 added it to the newer methods)
 VISION = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" in c.option_names())
+# dart's default form prunes in the LLM; its embedding form (form="embedding") is a vision-side method with a budget
 NO_BUDGET = sorted(n for n, c in REGISTRY.items() if c.where == "vision" and "budget" not in c.option_names())
 # the newer methods read more than [CLS] scores (features, hidden states, keys, the prompt): their counts are
 # checked against real runs of the tiny model below; the rest on hand-made scores of every kind
@@ -401,7 +402,8 @@ def test_readme_table_formulas_for_the_other_methods():
 
 
 def test_every_vision_method_has_a_budget_option():
-    assert NO_BUDGET == [] and set(NEWER) <= set(VISION)
+    assert NO_BUDGET == [] and set(NEWER) - {"dart"} <= set(VISION)
+    assert "budget" in REGISTRY["dart"].option_names() and REGISTRY["dart"].where == "llm"
 
 
 # ---------------------------------------------------------------- the newer methods (issue 12), real runs
@@ -411,8 +413,8 @@ NEWER_OPTIONS = [
     ("visionzip", {"contextual_share": 0.3}),
     ("divprune", {}),
     ("divprune", {"granularity": "view"}),
-    ("dart", {}),
-    ("dart", {"pivot_image_tokens": 2, "pivot_text_tokens": 3}),
+    ("dart", {"form": "embedding"}),
+    ("dart", {"form": "embedding", "pivot_image_tokens": 2, "pivot_text_tokens": 3}),
     ("cdpruner", {"budget": "exact"}),
     ("cdpruner", {"budget": "exact", "text_pooling": "tokens"}),
     ("composed", {"selector": "visionzip", "budget": "exact"}),
@@ -455,7 +457,7 @@ def test_newer_method_counts_are_their_formulas():
             max(round(ratio * stock), 1), stock
         )
         topk = min(round(ratio * stock), stock - 4) // 8
-        assert globalcom2.num_image_tokens(cfg, size, "dart", retention_ratio=ratio) == 4 + 8 * topk
+        assert globalcom2.num_image_tokens(cfg, size, "dart", retention_ratio=ratio, form="embedding") == 4 + 8 * topk
         box = core.unpadded_box((nph, npw), geo.side, size)  # CDPruner truncates like the authors' unpad_image
         n_tok = core.box_mask(box, (nph, npw), geo.side).sum(1)
         per_view = [min(max(1, round(ratio * int(c))), int(c)) for c in [n_view, *n_tok.tolist()]]

@@ -113,7 +113,7 @@ def test_methods_that_read_the_prompt_are_refused_at_engine_start():
     cfg = tiny_config()
     refused = [
         {"method": "cdpruner"},
-        {"method": "dart", "retention_ratio": 0.3},
+        {"method": "dart", "retention_ratio": 0.3, "form": "embedding"},
         {"method": "composed", "selector": "cdpruner"},
         {"method": "composed", "selector": "dart", "budget": "exact"},
     ]

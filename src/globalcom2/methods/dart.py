@@ -170,9 +170,9 @@ class DARTConfig(MethodConfig):
         object.__setattr__(self, "k", int(self.k))
         check_choice("budget", self.budget, ("authors", "exact"))
         if self.form == "llm" and self.budget != "authors":
-            raise ValueError(
-                "budget applies to dart's form='embedding' only: with form='llm' the tokens are pruned inside the "
-                f"language model; got budget={self.budget!r}"
+            raise TypeError(
+                "method 'dart' prunes inside the language model, where budget does not apply (form='llm'); "
+                f"budget is an option of form='embedding'; got budget={self.budget!r}"
             )
         for name in ("pivot_image_tokens", "pivot_text_tokens"):
             value = getattr(self, name)
