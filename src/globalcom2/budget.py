@@ -98,10 +98,14 @@ def num_image_tokens(
             "LLaVA-NeXT's token count and is shortened layer by layer; num_image_tokens covers the "
             "vision-side methods"
         )
+    if hasattr(adapter, "check_method"):
+        adapter.check_method(cfg)
     if model is not None:
         cfg.check_model(model)
     if not hasattr(cfg, "fixed_budget"):
         raise ValueError(f"method {cfg.name!r} does not declare a token count that depends on the image size only")
+    if hasattr(adapter, "num_image_tokens"):  # a family with its own layout counts its own tokens
+        return adapter.num_image_tokens(cfg, model_cfg, size)
     ctx = geometry_context(cfg, model_cfg, size)
     k0, k = cfg.fixed_budget(ctx)
     return int(cfg.order(canonical_selection(ctx, k0, k), ctx).numel())
