@@ -132,6 +132,7 @@ def tiny_internvl_processor(image_size: int = 112, patch_size: int = 14, min_pat
         min_patches=min_patches,
         max_patches=max_patches,
     )
+
     class TinyInternVLProcessor(InternVLProcessor):
         """Stock processor; no video processor (its base class needs torchvision, absent here)."""
 

@@ -262,7 +262,11 @@ def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_
         raise ValueError(
             f"{source} gives image {i} a {grids[i][0]} x {grids[i][1]} grid but the processor cut it into "
             f"{views[i]} tile(s); pass {source} for the same images, in order"
-            + (" (or image_grids, if the processor's min/max_patches are not the defaults)" if source != "image_grids" else "")
+            + (
+                " (or image_grids, if the processor's min/max_patches are not the defaults)"
+                if source != "image_grids"
+                else ""
+            )
         )
     return grids
 
@@ -314,9 +318,7 @@ def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight.float() * x
 
 
-def patch_scores(
-    model: nn.Module, hidden_states: tuple, scorer: str, score: str, layer: int
-) -> torch.Tensor:
+def patch_scores(model: nn.Module, hidden_states: tuple, scorer: str, score: str, layer: int) -> torch.Tensor:
     """(V, P^2) float32 rating of every patch of every tile by ``scorer`` at the layer producing
     ``hidden_states[layer]``; q/k recomputed from the hidden state entering it as the layer computes them."""
     layers = model.model.vision_tower.encoder.layer
@@ -369,7 +371,7 @@ def encode(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, laye
 def run_config(cfg: MethodConfig) -> MethodConfig:
     """The config a method runs with on InternVL: ``layout`` (where LLaVA-NeXT's newlines go) does not apply
     here (no newlines); "spatial" is used so that no newline enters a budget."""
-    if "layout" in cfg.option_names() and getattr(cfg, "layout") != "spatial":
+    if "layout" in cfg.option_names() and cfg.layout != "spatial":
         return dataclasses.replace(cfg, layout="spatial")
     return cfg
 
