@@ -16,7 +16,9 @@ What this family looks like to GlobalCom² (all read from the config and the pro
   alone does not tell a 2 x 3 grid from a 3 x 2 one. The patched model therefore reads the grid from
   ``image_grids=[(rows, cols), ...]`` or ``image_sizes=[(height, width), ...]`` (the grid is then the
   processor's rule with its default ``min_patches=1, max_patches=12``; pass ``image_grids`` if you changed
-  them), passed to ``forward``/``generate`` beside the processor's output. Single-tile images need neither.
+  them), passed to ``forward``/``generate`` beside the processor's output;
+  ``processor_grids(processor, images)`` computes ``image_grids`` with the processor's own settings.
+  Single-tile images need neither.
 
 Methods see an ``ImageContext`` laid out like LLaVA-NeXT's: row 0 of ``scores`` is the thumbnail, then the
 ``rows x cols`` crops, all crop tokens valid (InternVL has no letterbox padding). ``region_weights`` carries
@@ -140,6 +142,25 @@ def crop_grid(
     return int(rows), int(cols)
 
 
+def _image_hw(image) -> tuple[int, int]:
+    if hasattr(image, "height") and hasattr(image, "width"):  # PIL
+        return int(image.height), int(image.width)
+    shape = tuple(image.shape)
+    return (shape[-2], shape[-1]) if len(shape) == 3 and shape[0] in (1, 3, 4) else (shape[0], shape[1])
+
+
+def processor_grids(processor, images) -> list[tuple[int, int]]:
+    """(rows, cols) of every image as ``processor`` (an ``InternVLProcessor`` or its image processor, with its
+    own ``crop_to_patches``/``min_patches``/``max_patches``/``size``) tiles it: pass as ``image_grids=``."""
+    ip = getattr(processor, "image_processor", processor)
+    images = images if isinstance(images, (list, tuple)) else [images]
+    size = ip.size
+    tile = int(size["height"] if isinstance(size, dict) else size.height)
+    if not getattr(ip, "crop_to_patches", False) or int(ip.max_patches) <= 1:
+        return [(1, 1)] * len(images)
+    return [crop_grid(_image_hw(im), tile, int(ip.min_patches), int(ip.max_patches)) for im in images]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Geometry of an InternVL model, read from its config."""
@@ -253,8 +274,8 @@ def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_
         many = next(i for i, t in enumerate(tiles) if t > 1)
         raise ValueError(
             f"image {many} has {tiles[many]} tiles, and InternVL's inputs do not say how they are arranged "
-            "(rows x cols): pass image_grids=[(rows, cols), ...] (one per image, as the processor tiled it; see "
-            "globalcom2.models.internvl.crop_grid) or image_sizes=[(height, width), ...] to forward/generate"
+            "(rows x cols): pass image_grids=[(rows, cols), ...] (one per image, as the processor tiled it: "
+            "globalcom2.models.internvl.processor_grids(processor, images) gives them) or image_sizes=[(height, width), ...] to forward/generate"
         )
     bad = [i for i, (g, t, v) in enumerate(zip(grids, tiles, views)) if g[0] * g[1] != t or Geometry.views(g) != v]
     if bad:
