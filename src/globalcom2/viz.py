@@ -270,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
         image = demo_image(640, 400) if not args.image else _open(args.image)
     else:
-        from transformers import AutoConfig, AutoProcessor, InternVLForConditionalGeneration
-        from transformers import LlavaNextForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            InternVLForConditionalGeneration,
+            LlavaNextForConditionalGeneration,
+        )
 
         kind = getattr(AutoConfig.from_pretrained(args.model, local_files_only=True), "model_type", None)
         cls = InternVLForConditionalGeneration if kind == "internvl" else LlavaNextForConditionalGeneration

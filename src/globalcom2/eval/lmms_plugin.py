@@ -81,8 +81,12 @@ class GlobalCom2LlavaNext(lmms):
         super().__init__()
         del max_batch_size  # lmms-eval passes it for --batch_size auto, which this model does not do
         from accelerate import Accelerator
-        from transformers import AutoConfig, AutoProcessor, InternVLForConditionalGeneration
-        from transformers import LlavaNextForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            InternVLForConditionalGeneration,
+            LlavaNextForConditionalGeneration,
+        )
 
         self.choice = opts.method_choice(method, **method_options)  # validate before loading anything
         if conv_template not in opts.CONV_TEMPLATES:

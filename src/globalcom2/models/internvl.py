@@ -275,7 +275,8 @@ def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_
         raise ValueError(
             f"image {many} has {tiles[many]} tiles, and InternVL's inputs do not say how they are arranged "
             "(rows x cols): pass image_grids=[(rows, cols), ...] (one per image, as the processor tiled it: "
-            "globalcom2.models.internvl.processor_grids(processor, images) gives them) or image_sizes=[(height, width), ...] to forward/generate"
+            "globalcom2.models.internvl.processor_grids(processor, images) gives them) or "
+            "image_sizes=[(height, width), ...] to forward/generate"
         )
     bad = [i for i, (g, t, v) in enumerate(zip(grids, tiles, views)) if g[0] * g[1] != t or Geometry.views(g) != v]
     if bad:
