@@ -264,25 +264,78 @@ def test_batch_of_mixed_sizes_matches_alone_and_generate_idiom(proc, imgs):
 
 def test_two_images_in_one_prompt(proc, imgs):
     model = tiny_internvl_model()
-    globalcom2.apply(model, retention_ratio=0.25)
+    globalcom2.apply(model, retention_ratio=0.25, budget="exact")
     inputs, sizes = inputs_for(proc, imgs[:2], ["<IMG_CONTEXT> and <IMG_CONTEXT> compare"])
     seen, handle = lm_inputs(model)
     with torch.no_grad():
         model(**inputs, image_sizes=sizes)
     handle.remove()
     n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
-    cfg = dict(budget="exact", retention_ratio=0.25)
-    expected = sum(globalcom2.num_image_tokens(model, s, **cfg) for s in sizes)
-    assert seen[0].shape[1] <= n_text + expected + 2  # budget="authors" may keep a little more or less
-    globalcom2.apply(model, **cfg)
+    assert seen[0].shape[1] == n_text + sum(globalcom2.num_image_tokens(model, s) for s in sizes)
+
+
+def test_processor_grids_follow_the_processors_own_settings(imgs):
+    small = tiny_internvl_processor(max_patches=4)
+    grids = internvl.processor_grids(small, imgs)
+    assert grids == [(1, 3), (1, 1), (3, 1)]
+    out = small(images=imgs, text=["<IMG_CONTEXT> <IMG_CONTEXT> <IMG_CONTEXT>"], return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 4 + 1 + 4
+    model = tiny_internvl_model()
+    globalcom2.apply(model, retention_ratio=0.5)
+    with pytest.raises(ValueError, match="image_sizes gives image 0 a 2 x 5 grid"):  # default 12 tiles != 4
+        model(**out, image_sizes=[(im.height, im.width) for im in imgs])
     with torch.no_grad():
-        model(**inputs, image_sizes=sizes)
-    assert model.model.language_model  # the call went through
-    seen, handle = lm_inputs(model)
+        model(**out, image_grids=grids)
+
+
+def test_viz_draws_the_tokens_the_llm_receives(proc, imgs):
+    from globalcom2 import viz
+
+    model = tiny_internvl_model()
+    for img in imgs[:2]:
+        (pn,) = viz.panels(model, proc, img, ("globalcom2",), (0.25,))
+        rec = pn.record
+        inputs, sizes = inputs_for(proc, [img])
+        globalcom2.apply(model, retention_ratio=0.25)
+        with torch.no_grad():
+            _, _, (ran,) = internvl.prepare_images(
+                model, globalcom2.get_config(model), inputs["pixel_values"], {"image_sizes": sizes}, inputs["input_ids"]
+            )
+        globalcom2.remove(model)
+        assert torch.equal(rec.order, ran.order)
+        assert sum(pn.kept_patch_counts()) == rec.num_tokens
+        assert pn.stock_tokens == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with pytest.raises(ValueError, match="not supported on InternVL"):
+        viz.panels(model, proc, imgs[0], ("visionzip",), (0.25,))
+
+
+def test_flops_cli_counts_internvl_tokens(tmp_path, capsys):
+    from globalcom2 import flops
+
+    tiny_internvl_config().save_pretrained(tmp_path)
+    flops.main(["--config", str(tmp_path), "--image-size", "120", "300", "--ratios", "0.25",
+                "--methods", "fastervlm", "globalcom2", "visionzip"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "InternVL geometry" in out
+    assert "fastervlm R=0.25  stock 176 -> 44\n" in out
+    assert "globalcom2 R=0.25  stock 176 -> 44 (expected" in out
+    assert "visionzip R=0.25  method 'visionzip' is not supported on InternVL" in out
+
+
+def test_lmms_plugin_passes_the_crop_grids(proc, imgs):
+    pytest.importorskip("lmms_eval")
+    from globalcom2.eval import options as opts
+    from globalcom2.eval.lmms_plugin import GlobalCom2LlavaNext
+
+    plugin = GlobalCom2LlavaNext.__new__(GlobalCom2LlavaNext)  # the loaded state, without a checkpoint on disk
+    plugin.processor, plugin.family, plugin._device = proc, "internvl", torch.device("cpu")
+    plugin._model = tiny_internvl_model()
+    plugin.choice = opts.method_choice("globalcom2", retention_ratio=0.25)
+    globalcom2.apply(plugin._model, plugin.choice.config)
+    batch = plugin._inputs(["<IMG_CONTEXT> what ?"], imgs[:1])
+    assert batch["image_grids"] == [(2, 5)]
     with torch.no_grad():
-        model(**inputs, image_sizes=sizes)
-    handle.remove()
-    assert seen[0].shape[1] == n_text + expected
+        plugin._model(**batch)
 
 
 def test_eager_and_sdpa_agree_bf16_runs_and_remove_is_bit_exact(proc, imgs):
