@@ -164,6 +164,41 @@ def test_ratio_one_neutral_options_feed_the_llm_stock_input(proc, imgs, index):
     assert torch.allclose(stock, ours, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "method,options",
+    [("divprune", {}), ("cdpruner", {}), ("fastervlm", {}), ("crops_only", {}), ("globalcom2", {"budget": "exact"})],
+)
+def test_other_methods_at_ratio_one_feed_the_llm_stock_input(proc, imgs, method, options):
+    """Methods that order tokens themselves (divprune: the family's stock sequence) or not, mapped back to tiles."""
+    model = tiny_internvl_model()
+    inputs, sizes = inputs_for(proc, [imgs[0]])
+    seen, handle = lm_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+        globalcom2.apply(model, method=method, retention_ratio=1.0, **options)
+        model(**inputs, image_sizes=sizes)
+    handle.remove()
+    if method == "crops_only":  # everything but the thumbnail tile, in stock order
+        n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+        first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+        assert seen[1].shape[1] == n_text + 160
+        assert torch.equal(seen[1][0, : first + 160], seen[0][0, : first + 160])
+        return
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_ratio_one_with_another_feature_layer(proc, imgs):
+    model = tiny_internvl_model(vision_feature_layer=-2)
+    inputs, sizes = inputs_for(proc, [imgs[2]])
+    seen, handle = lm_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+        globalcom2.apply(model, **NEUTRAL)
+        model(**inputs, image_sizes=sizes)
+    handle.remove()
+    assert torch.equal(seen[0], seen[1])
+
+
 def test_emission_is_crops_in_tile_order_then_thumbnail_in_raster_order(proc, imgs):
     model = tiny_internvl_model()
     inputs, sizes = inputs_for(proc, [imgs[0]])
