@@ -124,7 +124,11 @@ def tiny_internvl_model(
 def tiny_internvl_processor(image_size: int = 112, patch_size: int = 14, min_patches: int = 1, max_patches: int = 12):
     """An ``InternVLProcessor`` matching ``tiny_internvl_config`` (GotOcr2 PIL tiling, local tokenizer)."""
     from transformers import InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    except ImportError:  # pragma: no cover - transformers < 5.4: the PIL/NumPy processor has the plain name
+        from transformers import GotOcr2ImageProcessor as GotOcr2ImageProcessorPil
 
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size},

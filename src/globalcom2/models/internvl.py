@@ -134,7 +134,10 @@ def crop_grid(
     image_size: tuple[int, int], tile_size: int, min_patches: int = MIN_PATCHES, max_patches: int = MAX_PATCHES
 ) -> tuple[int, int]:
     """(rows, cols) of tiles the InternVL (GotOcr2) processor cuts an image of (height, width) into."""
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    try:  # the processor's own rule (transformers >= 5.4 names its PIL/NumPy module image_processing_pil_*)
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # pragma: no cover - transformers < 5.4
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
     cols, rows = get_optimal_tiled_canvas(
         (int(image_size[0]), int(image_size[1])), (tile_size, tile_size), min_patches, max_patches
