@@ -105,10 +105,14 @@ def num_image_tokens(
             "LLaVA-NeXT's token count and is shortened layer by layer; num_image_tokens covers the "
             "vision-side methods"
         )
+    if hasattr(adapter, "check_method"):
+        adapter.check_method(cfg)
     if model is not None:
         cfg.check_model(model)
     if not hasattr(cfg, "fixed_budget") and not hasattr(cfg, "fixed_count"):
         raise ValueError(f"method {cfg.name!r} does not declare a token count that depends on the image size only")
+    if hasattr(adapter, "num_image_tokens"):  # a family with its own layout counts its own tokens
+        return adapter.num_image_tokens(cfg, model_cfg, size)
     ctx = geometry_context(cfg, model_cfg, size)
     if hasattr(cfg, "fixed_count"):  # methods that emit their own order (merged tokens, stock sequence subsets)
         return int(cfg.fixed_count(ctx))

@@ -110,13 +110,45 @@ def crop_regions(side: int, grid: tuple[int, int], device=None) -> torch.Tensor:
     return (r[:, None] * npw + c[None, :]).reshape(-1)
 
 
-def crop_region_stats(thumb: torch.Tensor, side: int, grid: tuple[int, int], reduce: str = "sum") -> torch.Tensor:
+def crop_region_weights(side: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """(n, N) float64: the share of each thumbnail token's area that lies over each crop's region.
+
+    Crop (r, c) of an nph x npw grid covers rows r/nph..(r+1)/nph and columns c/npw..(c+1)/npw of the
+    thumbnail; a token straddling a border is split by area (columns sum to 1). Where nph and npw
+    divide S the weights are 0/1 and equal ``crop_regions``; elsewhere (e.g. 3 rows of a 16-token
+    side) they are the exact overlap, unlike the authors' rule that gives leftover rows to the last crop.
+    """
+    nph, npw = grid
+
+    def overlap(parts: int) -> torch.Tensor:  # (parts, S): share of token a's extent inside part r
+        # in units of 1 / (S * parts): token a spans [a*parts, (a+1)*parts), part r spans [r*S, (r+1)*S)
+        a = torch.arange(side, device=device, dtype=torch.float64)[None, :]
+        r = torch.arange(parts, device=device, dtype=torch.float64)[:, None]
+        lo, hi = torch.maximum(a * parts, r * side), torch.minimum((a + 1) * parts, (r + 1) * side)
+        return (hi - lo).clamp(min=0) / parts
+
+    w = overlap(nph)[:, None, :, None] * overlap(npw)[None, :, None, :]  # (nph, npw, S, S)
+    return w.reshape(nph * npw, side * side)
+
+
+def crop_region_stats(
+    thumb: torch.Tensor, side: int, grid: tuple[int, int], reduce: str = "sum", weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-crop statistic of the thumbnail scores over each crop's region (paper Eq. 2).
 
     thumb: (N,) thumbnail scores. reduce: "sum" | "max".
+    weights: optional (n, N) area of each token over each crop (``crop_region_weights``); None uses the
+        authors' token cells (``crop_regions``). "sum" weighs each token by its area in the crop, "max"
+        takes the largest score of the tokens touching the crop.
     returns: (n,) float64.
     """
     n = grid[0] * grid[1]
+    if weights is not None:
+        w = weights.to(thumb.device, torch.float64)  # (n, N)
+        x = thumb.double()[None, :].expand_as(w)
+        if reduce == "max":
+            return torch.where(w > 0, x, torch.full_like(x, -math.inf)).amax(dim=1)
+        return (w * x).sum(dim=1)
     region = crop_regions(side, grid, thumb.device)
     x = thumb.double()
     if reduce == "max":

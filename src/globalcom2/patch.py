@@ -41,7 +41,10 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
         cfg = make_config(method, **options)
     else:
         raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
-    adapter_for(model).check_model(model)
+    adapter = adapter_for(model)
+    adapter.check_model(model)
+    if hasattr(adapter, "check_method"):  # a family may refuse methods it cannot run
+        adapter.check_method(cfg)
     if cfg.where == "llm":
         llm_pruning.check_language_model(model.model.language_model)
     cfg.check_model(model)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import core, make_config
+from .models import adapter_for, internvl
 from .models import llava_next as adapter
 
 
@@ -35,7 +36,7 @@ class Panel:
     crop_kept: np.ndarray  # (nph * S, npw * S) bool
     crop_valid: np.ndarray  # (nph * S, npw * S) bool, False = letterbox padding
     heat: np.ndarray  # (S, S) thumbnail [CLS] attention
-    record: adapter.ImageRecord
+    record: adapter.ImageRecord | internvl.ImageRecord
     stock_tokens: int
 
     def kept_patch_counts(self) -> list[int]:
@@ -86,6 +87,8 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
                     f"(e.g. {', '.join(n for n in ('globalcom2', 'fastervlm', 'uniform'))})"
                 )
             configs.append((m, r, cfg))
+    if adapter_for(model) is internvl:
+        return _internvl_panels(model, processor, image, configs)
     device = next(model.parameters()).device
     inputs = processor(images=image, text=_image_token(processor), return_tensors="pt")
     pv = inputs["pixel_values"].to(device, next(model.parameters()).dtype)
@@ -115,6 +118,46 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
                 heat=rec.scores[0].float().view(S, S).cpu().numpy(),
                 record=rec,
                 stock_tokens=geo.stock_tokens(rec.image_size),
+            )
+        )
+    return out
+
+
+def _internvl_panels(model, processor, image, configs) -> list[Panel]:
+    """``panels`` for InternVL: the tiles as the processor cut them, thumbnail tile last (a single-tile image
+    is its own thumbnail and has no crop grid to draw)."""
+    internvl.check_model(model)
+    for _, _, cfg in configs:
+        internvl.check_method(cfg)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    inputs = processor(images=[image], text=[_image_token(processor)], return_tensors="pt")
+    pv = inputs["pixel_values"].to(device, dtype)  # (V, 3, T, T)
+    (grid,) = internvl.processor_grids(processor, [image])
+    geo = internvl.Geometry.from_config(model.config)
+    layer = internvl.feature_layer(model)
+    out = []
+    for m, r, cfg in configs:
+        with torch.no_grad():
+            _, (rec,) = internvl.compress(model, cfg, pv, [grid], layer, inputs["input_ids"].to(device))
+        nph, npw = rec.grid
+        S = rec.side
+        tiles = [_denormalize(v, processor) for v in pv]
+        thumb = tiles[-1]
+        crops = tiles[:-1] if rec.n_views > 1 else tiles
+        mosaic = np.concatenate([np.concatenate(crops[i * npw : (i + 1) * npw], axis=1) for i in range(nph)], axis=0)
+        kept = rec.kept_mask().cpu()  # (1 + n, N), thumbnail first: exactly the tokens the LLM receives
+        out.append(
+            Panel(
+                method=m,
+                ratio=r,
+                thumbnail=thumb,
+                crops=mosaic,
+                thumb_kept=kept[0].view(S, S).numpy(),
+                crop_kept=core.crops_to_grid(kept[1:], rec.grid, S).numpy(),
+                crop_valid=core.crops_to_grid(rec.valid.cpu(), rec.grid, S).numpy(),
+                heat=rec.scores[0].float().view(S, S).cpu().numpy(),
+                record=rec,
+                stock_tokens=geo.stock_tokens(rec.grid),
             )
         )
     return out
@@ -207,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 viz``."""
     ap = argparse.ArgumentParser(prog="globalcom2 viz", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local LLaVA-NeXT checkpoint (llava-hf format)")
+    src.add_argument("--model", help="local LLaVA-NeXT or InternVL (-hf) checkpoint")
     src.add_argument("--demo", action="store_true", help="tiny random-weight model and a generated image")
     ap.add_argument("--image", help="image file (required with --model)")
+    ap.add_argument("--family", choices=("llava_next", "internvl"), default="llava_next",
+                    help="model family of the --demo model")  # fmt: skip
     ap.add_argument("--method", nargs="+", default=["globalcom2"], help="one or more vision-side methods")
     ap.add_argument("--ratio", nargs="+", type=float, default=[0.25], help="one or more retention ratios")
     ap.add_argument("--out", default="globalcom2-viz.png", help="PNG to write")
@@ -217,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.model and not args.image:
         ap.error("--image is required with --model")
-    if args.demo:
+    if args.demo and args.family == "internvl":
+        from .tiny import demo_image
+        from .tiny_internvl import tiny_internvl_model, tiny_internvl_processor
+
+        model, processor = tiny_internvl_model(), tiny_internvl_processor()
+        image = demo_image(640, 400) if not args.image else _open(args.image)
+    elif args.demo:
         from .demo import DEMO_SHAPE
         from .tiny import demo_image, tiny_model, tiny_processor
 
@@ -225,10 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
         image = demo_image(640, 400) if not args.image else _open(args.image)
     else:
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            InternVLForConditionalGeneration,
+            LlavaNextForConditionalGeneration,
+        )
 
+        kind = getattr(AutoConfig.from_pretrained(args.model, local_files_only=True), "model_type", None)
+        cls = InternVLForConditionalGeneration if kind == "internvl" else LlavaNextForConditionalGeneration
         processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        model = LlavaNextForConditionalGeneration.from_pretrained(args.model, local_files_only=True)
+        model = cls.from_pretrained(args.model, local_files_only=True)
         image = _open(args.image)
     model = model.to(args.device).eval()
     fig = render(model, processor, image, methods=args.method, ratios=args.ratio, random_weights=args.demo)

@@ -81,7 +81,12 @@ class GlobalCom2LlavaNext(lmms):
         super().__init__()
         del max_batch_size  # lmms-eval passes it for --batch_size auto, which this model does not do
         from accelerate import Accelerator
-        from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            InternVLForConditionalGeneration,
+            LlavaNextForConditionalGeneration,
+        )
 
         self.choice = opts.method_choice(method, **method_options)  # validate before loading anything
         if conv_template not in opts.CONV_TEMPLATES:
@@ -107,15 +112,17 @@ class GlobalCom2LlavaNext(lmms):
         pretrained = str(pretrained)
         load = {"local_files_only": local_files_only}
         config = AutoConfig.from_pretrained(pretrained, **load)
-        if getattr(config, "model_type", None) != "llava_next":
+        classes = {"llava_next": LlavaNextForConditionalGeneration, "internvl": InternVLForConditionalGeneration}
+        if getattr(config, "model_type", None) not in classes:
             raise TypeError(
-                f"--model globalcom2 runs LLaVA-NeXT checkpoints (model_type 'llava_next'); {pretrained} is "
-                f"{getattr(config, 'model_type', None)!r}"
+                f"--model globalcom2 runs LLaVA-NeXT or InternVL (-hf) checkpoints (model_type one of "
+                f"{tuple(classes)}); {pretrained} is {getattr(config, 'model_type', None)!r}"
             )
+        self.family = config.model_type
         kwargs: dict[str, Any] = {"dtype": _dtype(dtype, self._device), **load}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = LlavaNextForConditionalGeneration.from_pretrained(pretrained, **kwargs)
+        model = classes[config.model_type].from_pretrained(pretrained, **kwargs)
         model = model.to(self._device).eval()
         if not self.choice.is_stock:
             apply(model, self.choice.config)
@@ -130,7 +137,7 @@ class GlobalCom2LlavaNext(lmms):
 
     @property
     def model(self) -> torch.nn.Module:
-        """The (patched) ``LlavaNextForConditionalGeneration``."""
+        """The (patched) ``LlavaNextForConditionalGeneration`` or ``InternVLForConditionalGeneration``."""
         return self._model
 
     @property
@@ -174,7 +181,9 @@ class GlobalCom2LlavaNext(lmms):
         if template is None and self.conv_template == "auto":
             template = getattr(self.processor, "chat_template", None) or getattr(self._tokenizer, "chat_template", None)
         if template is None:
-            return opts.fallback_prompt(question, n_images, self.conv_template)
+            prompt = opts.fallback_prompt(question, n_images, self.conv_template)
+            token = getattr(self.processor, "image_token", None) or "<image>"  # InternVL: <IMG_CONTEXT>
+            return prompt.replace("<image>", token)
         messages = opts.conversation(question, n_images)
         return self.processor.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
@@ -195,7 +204,12 @@ class GlobalCom2LlavaNext(lmms):
     def _inputs(self, prompts: list[str], images: list[Image.Image]) -> Any:
         """Processor output for a batch, on the model's device and dtype."""
         batch = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
-        return batch.to(self._device, self._model.dtype)
+        batch = batch.to(self._device, self._model.dtype)
+        if self.family == "internvl" and images and not self.choice.is_stock:
+            from ..models import internvl
+
+            batch["image_grids"] = internvl.processor_grids(self.processor, images)  # InternVL's inputs lack them
+        return batch
 
     # ---------------------------------------------------------------- requests
 

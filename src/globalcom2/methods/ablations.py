@@ -154,7 +154,7 @@ class _ViewSubsetConfig(MethodConfig):
         if self.mode == "drop_random_crop":
             return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
         if self.mode in ("drop_important_crop", "drop_unimportant_crop"):
-            importance = core.crop_region_stats(ctx.thumbnail, ctx.side, ctx.grid, "sum")
+            importance = core.crop_region_stats(ctx.thumbnail, ctx.side, ctx.grid, "sum", weights=ctx.region_weights)
             return int(importance.argmax() if self.mode == "drop_important_crop" else importance.argmin())
         return None
 

@@ -36,6 +36,13 @@ class ImageContext:
               projector of the model turns rows of it into LLM tokens (``"hidden"``).
     keys:     (1 + n, 1 + N, d_head) keys of the score layer averaged over heads, [CLS] first (``"keys"``).
     text:     (M, D_llm) the language model's input embeddings of the prompt's text tokens, M >= 0 (``"text"``).
+
+    Set by adapters whose family differs from LLaVA-NeXT (None keeps LLaVA-NeXT's rules):
+
+    region_weights: (n, N) float64 area of each thumbnail token over each crop's region
+              (``core.crop_region_weights``), for grids that do not divide the thumbnail's side.
+    stock_order: (T,) long, the family's stock visual sequence as indices into ``concat(views.flatten(0, 1))``
+              (``stock_sequence`` then ignores LLaVA-NeXT's layout and newline).
     """
 
     scores: torch.Tensor
@@ -49,6 +56,8 @@ class ImageContext:
     hidden: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
+    region_weights: torch.Tensor | None = None
+    stock_order: torch.Tensor | None = None
 
     @property
     def thumbnail(self) -> torch.Tensor:
@@ -133,7 +142,10 @@ def stock_sequence(ctx: ImageContext, method: str) -> tuple[torch.Tensor, torch.
     valid = ctx.valid.to(dev)
     with torch.no_grad():
         thumb = torch.arange(n_tok, device=dev)
-        order = core.assemble_order(thumb, valid, valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
+        if ctx.stock_order is not None:  # the family's own stock sequence (e.g. InternVL: no newlines)
+            order = ctx.stock_order.to(dev)  # (T,)
+        else:
+            order = core.assemble_order(thumb, valid, valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
         source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])  # (V N + 1, D)
     return order, source
 

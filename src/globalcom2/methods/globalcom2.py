@@ -79,12 +79,15 @@ class GlobalCom2Config(MethodConfig):
         if self.allocation == "ntopk":
             # share of the thumbnail's top-k (k = R N) tokens that fall over each crop, scaled so
             # the crops keep R of their tokens on average
-            region = core.crop_regions(ctx.side, ctx.grid, thumb.device)
             top = core.top_indices(thumb, int(core.count_kept(thumb.numel(), r)))
-            share = torch.bincount(region[top], minlength=n).double() / max(top.numel(), 1)
+            if ctx.region_weights is not None:  # area of each top token over each crop
+                share = ctx.region_weights.to(thumb.device, torch.float64)[:, top].sum(1) / max(top.numel(), 1)
+            else:
+                region = core.crop_regions(ctx.side, ctx.grid, thumb.device)
+                share = torch.bincount(region[top], minlength=n).double() / max(top.numel(), 1)
             return (r * n * share).clamp(max=1.0)
         reduce = "max" if self.allocation == "softmax_max" else "sum"
-        stats = core.crop_region_stats(thumb, ctx.side, ctx.grid, reduce)
+        stats = core.crop_region_stats(thumb, ctx.side, ctx.grid, reduce, weights=ctx.region_weights)
         return core.softmax_retention(stats, r, self.temperature)
 
     def crop_importance(self, ctx: ImageContext) -> list[torch.Tensor]:

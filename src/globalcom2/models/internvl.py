@@ -1,0 +1,573 @@
+"""Adapter for stock ``transformers`` InternVL 2.5/3 (``InternVLForConditionalGeneration``, the HF-native port).
+
+What this family looks like to GlobalCom² (all read from the config and the processor's rules):
+
+* **views**: an image is cut into ``rows x cols`` tiles of ``image_size`` px (GotOcr2's closest-aspect-ratio
+  rule between ``min_patches`` and ``max_patches`` tiles), tiles in row-major order, then a **thumbnail tile
+  last**, only when there is more than one tile. A single-tile image has no thumbnail.
+* **tokens**: InternViT (a [CLS] token, q/k RMS norms) sees ``P x P`` patches per tile; pixel shuffle with
+  ``downsample_ratio`` turns each ``2 x 2`` group of patches into one LLM token, so a tile is ``S x S`` tokens
+  (``S = P * downsample_ratio``; 16 x 16 = 256 for 448 px tiles). No newline tokens.
+* **scores**: a token's score is the mean of the scores of its ``2 x 2`` patches (in the order ``pixel_shuffle``
+  groups them); patch scores come from ``models.scoring`` (``scorer="cls"`` by default) on the q/k recomputed
+  from the hidden state entering the scoring layer exactly as the layer does (``layernorm_before``,
+  ``q_proj``/``k_proj``, ``q_norm``/``k_norm``).
+* **crop grid**: InternVL's ``forward`` takes no image sizes and its processor returns none, and the tile count
+  alone does not tell a 2 x 3 grid from a 3 x 2 one. The patched model therefore reads the grid from
+  ``image_grids=[(rows, cols), ...]`` or ``image_sizes=[(height, width), ...]`` (the grid is then the
+  processor's rule with its default ``min_patches=1, max_patches=12``; pass ``image_grids`` if you changed
+  them), passed to ``forward``/``generate`` beside the processor's output;
+  ``processor_grids(processor, images)`` computes ``image_grids`` with the processor's own settings.
+  Single-tile images need neither.
+
+Methods see an ``ImageContext`` laid out like LLaVA-NeXT's: row 0 of ``scores`` is the thumbnail, then the
+``rows x cols`` crops, all crop tokens valid (InternVL has no letterbox padding). ``region_weights`` carries
+the exact area of every thumbnail token over every crop's region (``core.crop_region_weights``), since the
+thumbnail's ``S x S`` tokens need not split evenly into ``rows x cols`` regions. A single-tile image is its
+own global view: its tile is the "thumbnail" (kept by its own scores, ``int(N R)`` tokens for GlobalCom²)
+and its one crop is empty. The LLM receives the kept crop tokens tile by tile, then the kept thumbnail
+tokens, each in raster order, as stock orders them (so R = 1 is the stock input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import core
+from ..methods.base import ImageContext, MethodConfig, Selection
+from . import scoring
+from .common import PackedInputs, pack, text_embeddings  # noqa: F401  (re-exported: the adapter's API)
+
+FAMILY = "internvl"
+SUPPORTED_CLASSES = ("InternVLForConditionalGeneration",)
+CONFIG_CLASSES = ("InternVLConfig",)
+#: arguments the patched ``forward``/``generate`` consume on the vision side (``image_grids``/``image_sizes``
+#: are this adapter's: stock InternVL takes neither)
+VISION_KWARGS = ("image_grids", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+#: the GotOcr2 image processor's defaults, used to derive a grid from an image size
+MIN_PATCHES, MAX_PATCHES = 1, 12
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+def check_config(cfg) -> None:
+    """Raise a clear error unless ``cfg`` (an ``InternVLConfig``) describes a model this adapter supports."""
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    if strategy != "default":
+        raise ValueError(
+            f"config.vision_feature_select_strategy must be 'default' (the [CLS] token is dropped and the patch "
+            f"tokens are pixel-shuffled), got {strategy!r}"
+        )
+    vc = cfg.vision_config
+    (h, w), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
+    if h != w or ph != pw or h % ph:
+        raise ValueError(
+            f"vision_config.image_size ({vc.image_size}) must be square tiles made of whole square patches "
+            f"(vision_config.patch_size {vc.patch_size})"
+        )
+    ratio = float(cfg.downsample_ratio)
+    inv = round(1 / ratio) if ratio > 0 else 0
+    if inv < 1 or abs(inv * ratio - 1) > 1e-9 or (h // ph) % inv:
+        raise ValueError(
+            f"config.downsample_ratio must be 1/k for an integer k dividing the {h // ph} patches per tile side, "
+            f"got {cfg.downsample_ratio!r}"
+        )
+    layer = cfg.vision_feature_layer
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise ValueError(f"config.vision_feature_layer must be one int (one layer's features), got {layer!r}")
+    side = (h // ph) // inv
+    seq = getattr(cfg, "image_seq_length", side * side)
+    if seq != side * side:
+        raise ValueError(
+            f"config.image_seq_length ({seq}) must equal the tokens of one tile after pixel shuffle "
+            f"(({h // ph} * {ratio:g})^2 = {side * side})"
+        )
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` is a stock InternVL this adapter supports."""
+    cls_names = {c.__name__ for c in type(model).__mro__}
+    if not cls_names.intersection(SUPPORTED_CLASSES):
+        raise TypeError(
+            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
+        )
+    check_config(model.config)
+    tower = model.model.vision_tower
+    layers = getattr(getattr(tower, "encoder", None), "layer", None)
+    last = layers[-1] if layers is not None and len(layers) else None
+    attn = getattr(last, "attention", None)
+    names = ("q_proj", "k_proj", "q_norm", "k_norm")
+    if last is None or not hasattr(last, "layernorm_before") or not all(hasattr(attn, n) for n in names):
+        raise TypeError(
+            "the vision tower must be InternViT (encoder.layer[i] with layernorm_before and attention.q_proj/"
+            f"k_proj/q_norm/k_norm); got {type(tower).__name__}"
+        )
+    if getattr(getattr(tower, "embeddings", None), "cls_token", None) is None:
+        raise TypeError(f"the vision tower has no [CLS] token (embeddings.cls_token); got {type(tower).__name__}")
+
+
+def check_method(cfg: MethodConfig) -> None:
+    """Raise ValueError for methods that cannot run on InternVL (before ``apply`` touches the model)."""
+    if cfg.where == "vision" and cfg.needs & {"hidden", "keys"}:
+        raise ValueError(
+            f"method {cfg.name!r} is not supported on InternVL: it merges vision-tower tokens (hidden states, "
+            "[CLS]) and projects them itself, but InternVL's projector takes pixel-shuffled 2x2 groups of "
+            "patches, not single vision tokens; use one of the token-selecting methods (globalcom2, fastervlm, "
+            "divprune, dart, cdpruner, ...)"
+        )
+
+
+def crop_grid(
+    image_size: tuple[int, int], tile_size: int, min_patches: int = MIN_PATCHES, max_patches: int = MAX_PATCHES
+) -> tuple[int, int]:
+    """(rows, cols) of tiles the InternVL (GotOcr2) processor cuts an image of (height, width) into."""
+    try:  # the processor's own rule (transformers >= 5.4 names its PIL/NumPy module image_processing_pil_*)
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # pragma: no cover - transformers < 5.4
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    cols, rows = get_optimal_tiled_canvas(
+        (int(image_size[0]), int(image_size[1])), (tile_size, tile_size), min_patches, max_patches
+    )
+    return int(rows), int(cols)
+
+
+def _image_hw(image) -> tuple[int, int]:
+    if hasattr(image, "height") and hasattr(image, "width"):  # PIL
+        return int(image.height), int(image.width)
+    shape = tuple(image.shape)
+    return (shape[-2], shape[-1]) if len(shape) == 3 and shape[0] in (1, 3, 4) else (shape[0], shape[1])
+
+
+def processor_grids(processor, images) -> list[tuple[int, int]]:
+    """(rows, cols) of every image as ``processor`` (an ``InternVLProcessor`` or its image processor, with its
+    own ``crop_to_patches``/``min_patches``/``max_patches``/``size``) tiles it: pass as ``image_grids=``."""
+    ip = getattr(processor, "image_processor", processor)
+    images = images if isinstance(images, (list, tuple)) else [images]
+    size = ip.size
+    tile = int(size["height"] if isinstance(size, dict) else size.height)
+    if not getattr(ip, "crop_to_patches", False) or int(ip.max_patches) <= 1:
+        return [(1, 1)] * len(images)
+    return [crop_grid(_image_hw(im), tile, int(ip.min_patches), int(ip.max_patches)) for im in images]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Geometry of an InternVL model, read from its config."""
+
+    tile: int  # pixels per side of one tile
+    patch: int  # pixels per side of one patch
+    shuffle: int  # k: k x k patches become one token (1 / downsample_ratio)
+
+    @property
+    def patches(self) -> int:
+        """P, patches per side of one tile."""
+        return self.tile // self.patch
+
+    @property
+    def side(self) -> int:
+        """S, LLM tokens per side of one tile (after pixel shuffle)."""
+        return self.patches // self.shuffle
+
+    @classmethod
+    def from_config(cls, config) -> Geometry:
+        """Geometry of ``config`` (an ``InternVLConfig``)."""
+        vc = config.vision_config
+        return cls(_pair(vc.image_size)[0], _pair(vc.patch_size)[0], round(1 / float(config.downsample_ratio)))
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) crop grid the processor uses (default ``min_patches``/``max_patches``)."""
+        return crop_grid(image_size, self.tile)
+
+    @staticmethod
+    def views(grid: tuple[int, int]) -> int:
+        """Tiles the model sees for a grid: the crops, plus the thumbnail when there is more than one."""
+        n = grid[0] * grid[1]
+        return n + 1 if n > 1 else 1
+
+    def stock_tokens(self, grid: tuple[int, int]) -> int:
+        """Visual tokens stock InternVL feeds its LLM for one image (``S^2`` per view, no newlines)."""
+        return self.views(grid) * self.side**2
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: views per image and crop grids
+# --------------------------------------------------------------------------------------------
+
+
+def _placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    """Lengths of the runs of consecutive image placeholders, row by row (one run per image)."""
+    is_img = input_ids == image_token_id  # (B, L)
+    prev = F.pad(is_img[:, :-1], (1, 0), value=False)  # (B, L) a run never continues across rows
+    starts = (is_img & ~prev).flatten()  # (B L,)
+    run = torch.cumsum(starts.long(), 0) - 1  # (B L,) run index of every position
+    return torch.bincount(run[is_img.flatten()], minlength=int(starts.sum())).tolist()
+
+
+def _grids_list(value, name: str, n_images: int) -> list[tuple[int, int]]:
+    """``value`` as ``n_images`` pairs of positive ints; ValueError naming ``name`` otherwise."""
+    try:
+        t = torch.as_tensor(value.cpu() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be one pair of ints per image, got {value!r}") from err
+    if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] != n_images or t.dtype == torch.bool or t.is_complex():
+        raise ValueError(
+            f"{name} must be a ({n_images}, 2) array, one pair per image in the batch; got shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise ValueError(f"{name} must hold whole numbers, got {t.tolist()}")
+    out = [(int(a), int(b)) for a, b in t.tolist()]
+    if any(a <= 0 or b <= 0 for a, b in out):
+        raise ValueError(f"{name} must hold positive pairs, got {out}")
+    return out
+
+
+def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_kwargs: dict) -> list[tuple[int, int]]:
+    """Validate the processor's output and return each image's (rows, cols) crop grid, images in batch order.
+
+    The views of each image are counted from its ``<IMG_CONTEXT>`` run in ``input_ids``; the grid comes from
+    ``vision_kwargs["image_grids"]``, else from ``vision_kwargs["image_sizes"]`` by the processor's rule, else
+    (single-tile images only) is 1 x 1. Raises ValueError naming the argument otherwise.
+    """
+    cfg = model.config
+    geo = Geometry.from_config(cfg)
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a float tensor from the processor, got {type(pixel_values).__name__}")
+    want = (3, geo.tile, geo.tile)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise ValueError(
+            f"pixel_values must be (total tiles, {want[0]}, {want[1]}, {want[2]}) as the InternVL processor returns "
+            f"it (every tile of every image, thumbnails included), got shape {tuple(pixel_values.shape)}"
+        )
+    seq = geo.side**2
+    runs = _placeholder_runs(input_ids, cfg.image_token_id)
+    if any(r % seq for r in runs):
+        raise ValueError(
+            f"every image needs a multiple of {seq} consecutive placeholder tokens in input_ids (one block per "
+            f"tile), got runs of {runs}; pass input_ids and pixel_values from the same processor call"
+        )
+    views = [r // seq for r in runs]
+    if sum(views) != pixel_values.shape[0]:
+        raise ValueError(
+            f"input_ids place {sum(views)} tiles ({views} per image) but pixel_values holds {pixel_values.shape[0]}; "
+            "pass both from the same processor call"
+        )
+    tiles = [v - 1 if v > 1 else 1 for v in views]
+    if vision_kwargs.get("image_grids") is not None:
+        grids, source = _grids_list(vision_kwargs["image_grids"], "image_grids", len(views)), "image_grids"
+    elif vision_kwargs.get("image_sizes") is not None:
+        sizes = _grids_list(vision_kwargs["image_sizes"], "image_sizes", len(views))
+        grids, source = [geo.grid(s) for s in sizes], "image_sizes"
+    elif all(t == 1 for t in tiles):
+        return [(1, 1)] * len(views)
+    else:
+        many = next(i for i, t in enumerate(tiles) if t > 1)
+        raise ValueError(
+            f"image {many} has {tiles[many]} tiles, and InternVL's inputs do not say how they are arranged "
+            "(rows x cols): pass image_grids=[(rows, cols), ...] (one per image, as the processor tiled it: "
+            "globalcom2.models.internvl.processor_grids(processor, images) gives them) or "
+            "image_sizes=[(height, width), ...] to forward/generate"
+        )
+    bad = [i for i, (g, t, v) in enumerate(zip(grids, tiles, views)) if g[0] * g[1] != t or Geometry.views(g) != v]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"{source} gives image {i} a {grids[i][0]} x {grids[i][1]} grid but the processor cut it into "
+            f"{views[i]} tile(s); pass {source} for the same images, in order"
+            + (
+                " (or image_grids, if the processor's min/max_patches are not the defaults)"
+                if source != "image_grids"
+                else ""
+            )
+        )
+    return grids
+
+
+# --------------------------------------------------------------------------------------------
+# Vision side: features, scores, contexts
+# --------------------------------------------------------------------------------------------
+
+
+def feature_layer(model: nn.Module, layer=None) -> int:
+    """The validated ``vision_feature_layer`` (call-time ``layer`` or the config's), an index into hidden states."""
+    layer = model.config.vision_feature_layer if layer is None else layer
+    n = len(model.model.vision_tower.encoder.layer)
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -(n + 1) <= int(layer) <= n:
+        raise ValueError(
+            f"vision_feature_layer must be an int in [{-(n + 1)}, {n}] (an index into the vision tower's {n + 1} "
+            f"hidden states) for this model, got {layer!r}"
+        )
+    return int(layer)
+
+
+def _check_overrides(model: nn.Module, vision_kwargs: dict) -> int:
+    strategy = vision_kwargs.get("vision_feature_select_strategy")
+    if strategy is not None and strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy must be 'default' on InternVL (the [CLS] token is dropped before pixel "
+            f"shuffle; 'full' leaves no square patch grid), got {strategy!r}"
+        )
+    return feature_layer(model, vision_kwargs.get("vision_feature_layer"))
+
+
+def shuffle_groups(model: nn.Module, geo: Geometry, device=None) -> torch.Tensor:
+    """(N, k^2) long: the patch indices (row-major in the P x P grid) that the model's ``pixel_shuffle``
+    packs into each of the N = S^2 LLM tokens of a tile, tokens in output order.
+
+    Read off by running the model's own ``pixel_shuffle`` on a map of patch indices, so it is the exact grouping.
+    """
+    p = geo.patches
+    idx = torch.arange(p * p, dtype=torch.float64, device=device).view(1, p, p, 1)  # (1, P, P, 1)
+    shuffled = model.model.pixel_shuffle(idx, scale_factor=1.0 / geo.shuffle)  # (1, S, S, k^2)
+    return shuffled.reshape(geo.side**2, geo.shuffle**2).long()
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` (InternVL's RMSNorm or Identity) applied in float32, as the layer applies it."""
+    if not hasattr(norm, "variance_epsilon"):
+        return x
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight.float() * x
+
+
+def patch_scores(model: nn.Module, hidden_states: tuple, scorer: str, score: str, layer: int) -> torch.Tensor:
+    """(V, P^2) float32 rating of every patch of every tile by ``scorer`` at the layer producing
+    ``hidden_states[layer]``; q/k recomputed from the hidden state entering it as the layer computes them."""
+    layers = model.model.vision_tower.encoder.layer
+    pos = layer % (len(layers) + 1)
+    if pos == 0:
+        raise ValueError(
+            "the scoring layer must be an encoder layer (its attention rates the tokens); hidden state 0 is the "
+            "embeddings: pick a vision_feature_layer / score layer other than 0"
+        )
+    lyr, hidden = layers[pos - 1], hidden_states[pos - 1]
+    attn = lyr.attention
+    x = lyr.layernorm_before(hidden).float()  # (V, 1+P^2, D)
+
+    def proj(lin: nn.Linear) -> torch.Tensor:
+        return F.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float())
+
+    q = _rms(attn.q_norm, proj(attn.q_proj)) * attn.scale  # (V, 1+P^2, D)
+    k = _rms(attn.k_norm, proj(attn.k_proj))  # (V, 1+P^2, D)
+    tokens = hidden_states[pos][:, 1:]  # (V, P^2, D) the layer's output patches
+    return scoring.view_scores(scorer, q, k, tokens, attn.num_heads, True, score)
+
+
+def encode(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, layer: int, with_scores: bool = True):
+    """Stock features and, optionally, token scores of every tile.
+
+    returns: (features (sum V, N, D_llm) exactly as stock computes them, scores (sum V, N) float32 or None,
+        hidden-state tuple). A token's score is the mean of its k x k patches' scores.
+    """
+    out = model.model.get_image_features(
+        pixel_values,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy="default",
+        output_hidden_states=True,
+        return_dict=True,
+    )
+    feats, hs = out.pooler_output, out.hidden_states
+    if not with_scores:
+        return feats, None, hs
+    score_layer, kind = cfg.score_source
+    score_layer = layer if score_layer is None else score_layer
+    scorer = scoring.resolve_scorer(getattr(cfg, "scorer", "auto"), True, "InternViT")
+    geo = Geometry.from_config(model.config)
+    with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
+        patches = patch_scores(model, hs, scorer, kind, score_layer)  # (sum V, P^2)
+        groups = shuffle_groups(model, geo, patches.device)  # (N, k^2)
+        scores = patches[:, groups].mean(dim=-1)  # (sum V, N)
+    return feats, scores, hs
+
+
+def run_config(cfg: MethodConfig) -> MethodConfig:
+    """The config a method runs with on InternVL: ``layout`` (where LLaVA-NeXT's newlines go) does not apply
+    here (no newlines); "spatial" is used so that no newline enters a budget."""
+    if "layout" in cfg.option_names() and cfg.layout != "spatial":
+        return dataclasses.replace(cfg, layout="spatial")
+    return cfg
+
+
+def make_context(
+    grid: tuple[int, int], side: int, scores: torch.Tensor | None = None, index: int = 0, **inputs
+) -> ImageContext:
+    """The ``ImageContext`` of one image: thumbnail first, then the crops. scores: (V, N) in the processor's
+    tile order (crops, then the thumbnail when V > 1); None gives zeros. Inputs with a view axis
+    (``features``) are reordered the same way.
+    """
+    n, n_tok = grid[0] * grid[1], side * side
+    single = n == 1
+    device = None if scores is None else scores.device
+    if scores is None:
+        scores = torch.zeros(1 if single else n + 1, n_tok)
+
+    def views_first_thumb(x: torch.Tensor) -> torch.Tensor:  # (V, ...) -> (1 + n, ...)
+        return torch.cat([x, x]) if single else torch.cat([x[-1:], x[:-1]])
+
+    if inputs.get("features") is not None:
+        inputs["features"] = views_first_thumb(inputs["features"])
+    valid = torch.full((n, n_tok), not single, dtype=torch.bool, device=device)  # (n, N)
+    box = (0, 0, 0, 0) if single else (0, grid[0] * side, 0, grid[1] * side)
+    ar = torch.arange(n_tok, device=device)
+    stock = ar if single else torch.cat([torch.arange(n_tok, (n + 1) * n_tok, device=device), ar])  # (T,)
+    return ImageContext(
+        scores=views_first_thumb(scores.float()),
+        side=side,
+        grid=grid,
+        valid=valid,
+        box=box,
+        image_index=index,
+        region_weights=core.crop_region_weights(side, grid, device=device),
+        stock_order=stock,
+        **inputs,
+    )
+
+
+def physical_order(sel: Selection, ctx: ImageContext, n_views: int) -> torch.Tensor:
+    """(T,) indices into ``concat(tiles.flatten(0, 1), extra)`` (tiles in the processor's order) of the tokens
+    the LLM receives.
+
+    Without a method-decided ``sel.order``: kept crop tokens tile by tile, then kept thumbnail tokens, each in
+    raster order. A method's own order (context indices: view 0 the thumbnail) is mapped to tiles; newline
+    indices (InternVL has none) are dropped.
+    """
+    n_tok = ctx.scores.shape[1]
+    v_ctx = ctx.scores.shape[0]
+    if sel.order is not None:
+        idx = sel.order
+    else:
+        dev = ctx.valid.device
+        crops = sel.crop_keep.to(dev).flatten().nonzero().squeeze(1) + n_tok  # (k_c,) crop-major raster
+        idx = torch.cat([crops, sel.thumb_keep.to(dev).sort().values])
+    view, tok = idx // n_tok, idx % n_tok
+    if n_views == 1:
+        phys = torch.zeros_like(view)
+    else:
+        phys = torch.where(view == 0, torch.full_like(view, n_views - 1), view - 1)
+    newline = v_ctx * n_tok
+    out = torch.where(idx < newline, phys * n_tok + tok, n_views * n_tok + idx - newline - 1)  # (T,)
+    return out[idx != newline]
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one image: its crop grid, the selection and the emitted order."""
+
+    grid: tuple[int, int]
+    side: int
+    n_views: int  # tiles the model saw (crops + thumbnail, or 1)
+    valid: torch.Tensor  # (n, N) bool
+    selection: Selection
+    order: torch.Tensor  # (T,) indices into concat(tiles.flatten(0, 1), extra), tiles in processor order
+    scores: torch.Tensor  # (1 + n, N) token scores, thumbnail first
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens the language model receives for this image."""
+        return int(self.order.numel())
+
+    def kept_mask(self) -> torch.Tensor:
+        """(1 + n, N) bool, which tokens of each view reach the language model, thumbnail first (single tile:
+        row 0 is the tile)."""
+        n_tok = self.side**2
+        mask = torch.zeros(self.n_views * n_tok, dtype=torch.bool, device=self.order.device)
+        mask[self.order[self.order < self.n_views * n_tok]] = True
+        mask = mask.view(self.n_views, n_tok)
+        if self.n_views == 1:
+            return torch.cat([mask, torch.zeros_like(mask)])
+        return torch.cat([mask[-1:], mask[:-1]])
+
+
+def emit(model: nn.Module, rec: ImageRecord, features: torch.Tensor) -> torch.Tensor:
+    """(T, D_llm) tokens the language model receives for one image. features: (V, N, D_llm) in tile order."""
+    if rec.selection.extra is not None and rec.selection.extra.shape[0]:
+        raise ValueError("methods that emit vision-space tokens of their own are not supported on InternVL")
+    return features.flatten(0, 1)[rec.order.to(features.device)]
+
+
+def compress(
+    model: nn.Module,
+    cfg: MethodConfig,
+    pixel_values: torch.Tensor,
+    grids: list[tuple[int, int]],
+    layer: int,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+):
+    """Visual tokens for the LLM, per image, plus a record of what was kept. returns: (features, records)."""
+    geo = Geometry.from_config(model.config)
+    run = run_config(cfg)
+    feats, scores, _ = encode(model, run, pixel_values, layer)
+    n_views = [Geometry.views(g) for g in grids]
+    texts = [None] * len(grids)
+    if "text" in run.needs and input_ids is not None:
+        texts = text_embeddings(model, input_ids, attention_mask, [v * geo.side**2 for v in n_views])
+    out, records = [], []
+    for i, (f, s, g, v, t) in enumerate(zip(feats.split(n_views), scores.split(n_views), grids, n_views, texts)):
+        extra = {}
+        if "features" in run.needs:
+            extra["features"], extra["newline"] = f, f.new_zeros(f.shape[-1])  # no newline: never addressed
+        if "text" in run.needs:
+            extra["text"] = t
+        ctx = make_context(g, geo.side, s, index=i, **extra)
+        sel = run.select(ctx)
+        rec = ImageRecord(g, geo.side, v, ctx.valid, sel, physical_order(sel, ctx, v), ctx.scores)
+        out.append(emit(model, rec, f))
+        records.append(rec)
+    return out, records
+
+
+def prepare_images(
+    model: nn.Module,
+    cfg: MethodConfig,
+    pixel_values: torch.Tensor,
+    vision_kwargs: dict,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+):
+    """The adapter's entry point for a patched call.
+
+    vision_kwargs: ``image_grids``/``image_sizes`` and the vision overrides.
+    returns: (features per image (T_i, D_llm), stock placeholder count per image, records or None).
+    """
+    if input_ids is None:
+        raise ValueError("input_ids are required with pixel_values: they tell how many tiles each image has")
+    layer = _check_overrides(model, vision_kwargs)
+    grids = image_grids(model, pixel_values, input_ids, vision_kwargs)
+    geo = Geometry.from_config(model.config)
+    counts = [geo.stock_tokens(g) for g in grids]
+    if cfg.where == "llm":
+        feats, _, _ = encode(model, cfg, pixel_values, layer, with_scores=False)
+        return [f.flatten(0, 1) for f in feats.split([Geometry.views(g) for g in grids])], counts, None
+    feats, records = compress(model, cfg, pixel_values, grids, layer, input_ids, attention_mask)
+    return feats, counts, records
+
+
+def geometry_context(cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
+    """An ``ImageContext`` holding the geometry of one image of (height, width) (zero scores)."""
+    geo = Geometry.from_config(config)
+    return make_context(geo.grid(image_size), geo.side)
+
+
+def num_image_tokens(cfg: MethodConfig, config, image_size: tuple[int, int]) -> int:
+    """Visual tokens the LLM receives for one image under ``cfg`` (a method with ``fixed_budget``)."""
+    from ..budget import canonical_selection
+
+    run = run_config(cfg)
+    ctx = geometry_context(run, config, image_size)
+    k0, k = run.fixed_budget(ctx)
+    sel = canonical_selection(ctx, k0, k)
+    return int(physical_order(sel, ctx, Geometry.views(ctx.grid)).numel())
