@@ -352,7 +352,7 @@ def test_flops_cli_counts_internvl_tokens(tmp_path, capsys):
                 "--methods", "fastervlm", "globalcom2", "visionzip"])  # fmt: skip
     out = capsys.readouterr().out
     assert "InternVL geometry" in out
-    assert "fastervlm R=0.25  stock 176 -> 44\n" in out
+    assert "fastervlm R=0.25  stock 176 -> 44; prefill " in out
     assert "globalcom2 R=0.25  stock 176 -> 44 (expected" in out
     assert "visionzip R=0.25  method 'visionzip' is not supported on InternVL" in out
 
