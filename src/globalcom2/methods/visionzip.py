@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_number
+from .base import ImageContext, MethodConfig, Selection, check_number, check_scorer
 
 
 def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
@@ -82,6 +82,8 @@ class VisionZipConfig(MethodConfig):
     retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens.
     contextual_share: share of K given to merged contextual tokens, ``C = round(K share)``
         (VisionZip's 10 of 64).
+    scorer: how dominant tokens are rated: "auto" (= "cls", VisionZip's [CLS] attention), "cls",
+        "attention_received" or "global_dissimilarity" (``globalcom2.models.scoring``).
     """
 
     name = "visionzip"
@@ -90,9 +92,11 @@ class VisionZipConfig(MethodConfig):
     needs = frozenset({"hidden", "keys"})
 
     contextual_share: float = 10 / 64
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_scorer(self.scorer)
         check_number("contextual_share", self.contextual_share, 0.0, 1.0, low_open=False, high_open=True)
 
     @property
