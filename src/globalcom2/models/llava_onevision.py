@@ -79,6 +79,8 @@ VISION_KWARGS = (
     "image_sizes_videos",
 )
 TOWER = "SigLIP (LLaVA-OneVision's vision tower, no [CLS] token)"
+#: SigLIP has no [CLS] token (``scorer="auto"`` resolves to "global_dissimilarity")
+HAS_CLS = False
 #: methods that cannot run on this family, with the reason
 UNSUPPORTED_METHODS = {
     "visionzip": "its dominant tokens include every view's [CLS] token and its merge reads [CLS]-first hidden "
@@ -487,3 +489,23 @@ def geometry_context(cfg: MethodConfig, config, image_size: tuple[int, int]) -> 
     grid, valid, box = _context_geometry(geo.layout(image_size), geo.side)
     scores = torch.zeros(1 + valid.shape[0], geo.side**2)  # (1 + n, N), never read
     return ImageContext(scores=scores, side=geo.side, grid=grid, valid=valid, box=box)
+
+
+def patch_masks(rec: ImageRecord, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, content): (nph S, npw S) bool maps over the crop patches, for drawing (``globalcom2 viz``).
+
+    content: the patch is image (not letterbox padding); kept: the emitted token covering the patch
+    reaches the language model (after a downscale one token covers about q x q patches).
+    """
+    geo = Geometry.from_config(config)
+    lay = geo.layout(rec.image_size)
+    s, (nph, npw) = geo.side, lay.grid
+    top, bottom, left, right = lay.box
+    (h, w), (eh, ew) = (bottom - top, right - left), lay.emitted
+    slots_kept = core.crops_to_grid(rec.kept_mask()[1:].cpu(), lay.grid, s)  # (nph S, npw S)
+    cell_r = torch.div(torch.arange(h) * eh, max(h, 1), rounding_mode="floor")  # (h,) emitted row of each patch row
+    cell_c = torch.div(torch.arange(w) * ew, max(w, 1), rounding_mode="floor")  # (w,)
+    kept = torch.zeros(nph * s, npw * s, dtype=torch.bool)
+    kept[top:bottom, left:right] = slots_kept[lay.rows[cell_r][:, None], lay.cols[cell_c][None, :]]
+    content = core.crops_to_grid(core.box_mask(lay.box, lay.grid, s), lay.grid, s)
+    return kept, content
