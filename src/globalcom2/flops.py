@@ -251,6 +251,47 @@ def visual_tokens(method: str, ratio: float, image_size=(672, 672), geometry=Non
     return TokenCount(method, ratio, stock, kept, method == "uniform")
 
 
+def _model_config(path: str):
+    """The transformers config of ``path`` when it is a supported multimodal model's config.json, else None."""
+    from transformers import AutoConfig
+
+    from .models import adapter_for
+
+    data = dict(_load_config(Path(path)))
+    try:
+        config = AutoConfig.for_model(data.pop("model_type", None), **data)
+        adapter_for(config, "config")
+    except (ValueError, KeyError, TypeError):
+        return None
+    return config
+
+
+def family_token_counts(config, methods, ratios, image_size) -> list[tuple[str, float, str]]:
+    """(method, ratio, "stock S -> K") for a supported model config, from its adapter (``num_image_tokens``).
+
+    Where the count depends on the image's content, ``budget="exact"`` is used and said so; methods that
+    prune inside the language model or cannot run on the family say why.
+    """
+    from .budget import num_image_tokens
+
+    stock = num_image_tokens(config, image_size, "uniform", retention_ratio=1.0, layout="spatial")
+    rows = []
+    for m in methods:
+        for r in ratios:
+            try:
+                line = f"stock {stock} -> {num_image_tokens(config, image_size, m, retention_ratio=r)}"
+            except ValueError as err:
+                if "budget='exact'" not in str(err):
+                    rows.append((m, r, f"stock {stock}: {err}"))
+                    continue
+                line = f"stock {stock} -> {num_image_tokens(config, image_size, m, retention_ratio=r, budget='exact')}"
+                line += " (budget='exact')"
+            except TypeError as err:  # an option the method does not take
+                line = f"stock {stock}: {err}"
+            rows.append((m, r, line))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -318,7 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                 "Table VII's TFLOPs for 100/75/50 % (80.0, 58.7, 38.3) are 0.1 above Eq. 8 on Vicuna-13B's "
                 "shape (79.9, 58.6, 38.2): a uniform +0.15 % no real shape gives (it would need m ~= 13856)."
             )
-    if args.image_size:
+    model_config = _model_config(args.config) if args.config and args.image_size else None
+    if model_config is not None:
+        size = tuple(args.image_size)
+        print(f"\nvisual tokens for a {size[1]}x{size[0]} image ({model_config.model_type} geometry):")
+        for m, r, line in family_token_counts(model_config, args.methods, args.ratios, size):
+            print(f"  {m:>12} R={r:<5} {line}")
+    elif args.image_size:
         print(f"\nvisual tokens for a {args.image_size[1]}x{args.image_size[0]} image (LLaVA-NeXT-7B geometry):")
         for m in args.methods:
             for r in args.ratios:
