@@ -182,6 +182,21 @@ def test_other_methods_at_ratio_one_are_stock(model, processor, method, options)
     _assert_neutral_equals_stock(model, inputs, method, **options)
 
 
+def test_call_time_feature_layer_is_honoured(model, processor):
+    """vision_feature_layer=-2 at call time: the features of that layer, as stock takes them."""
+    inputs = inputs_for(processor, [demo_image(300, 220)])
+    seen, handle = lm_inputs(model)
+    with torch.no_grad():
+        model(**inputs, vision_feature_layer=-2)
+        globalcom2.apply(model, **NEUTRAL)
+        model(**inputs, vision_feature_layer=-2)
+        model(**inputs)
+    handle.remove()
+    assert torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][0], seen[2][0])
+    with pytest.raises(ValueError, match="vision_feature_layer must be an int in"):
+        model(**inputs, vision_feature_layer=7)
+
+
 def test_multi_image_prompts_use_single_views(model, processor):
     """A sample with several images: each is its base view + one newline (stock), R of the view kept."""
     imgs = [[demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)], [demo_image(500, 120, seed=3)]]
