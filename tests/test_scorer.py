@@ -93,3 +93,15 @@ def test_feature_layer_methods_score_the_feature_layer(processor, name):
     layer = model.config.vision_feature_layer  # -2: fastervlm and visionzip rank by the feature layer
     expected = out.attentions[layer].mean(1).mean(1)[:, 1:]
     assert torch.allclose(recs[0].scores, expected, atol=1e-6)
+
+
+def test_vllm_plugin_refuses_scorers_it_does_not_compute():
+    from globalcom2.integrations.vllm import method_config
+    from globalcom2.tiny import tiny_config
+
+    cfg = tiny_config()
+    cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "cls"}
+    assert method_config(cfg).scorer == "cls"
+    cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "attention_received"}
+    with pytest.raises(ValueError, match="scorer='attention_received': the vLLM plugin rates tokens by their"):
+        method_config(cfg)

@@ -36,6 +36,11 @@ def method_config(hf_config: Any) -> MethodConfig:
             f"method {cfg.name!r} prunes inside the language model; the vLLM plugin serves the vision-side "
             "methods, whose token count vLLM can reserve from the image size"
         )
+    if getattr(cfg, "scorer", "auto") not in ("auto", "cls"):
+        raise ValueError(
+            f"scorer={cfg.scorer!r}: the vLLM plugin rates tokens by their [CLS] attention (scorer 'auto' or 'cls'); "
+            "the other scorers run on the Hugging Face path (globalcom2.apply)"
+        )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
     side = hf_config.vision_config.image_size
