@@ -19,7 +19,7 @@ from globalcom2.tiny_onevision import tiny_onevision_config, tiny_onevision_mode
 PROMPT = "<image>\nwhat is this ?"
 NEUTRAL = dict(retention_ratio=1.0, allocation="uniform", thumbnail_order="spatial")
 #: (width, height): no downscale, downscaled (3x4 and 6x6 grids), extreme aspect ratios, a 1x1 grid
-SIZES = [(300, 220), (150, 400), (500, 500), (500, 120), (60, 500), (1000, 40), (40, 1000), (84, 84), (517, 434)]
+SIZES = [(300, 220), (150, 400), (500, 500), (500, 120), (60, 500), (1000, 40), (40, 1000), (90, 90), (517, 434)]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,29 @@ def test_stock_counts_equal_the_processor_and_the_model(model, processor):
         placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
         stock, _, _ = O.stock_features(model, inputs["pixel_values"], image_kwargs(inputs))
         assert geo.stock_tokens((h, w)) == placeholders == stock[0].shape[0], (w, h)
+
+
+def test_real_checkpoint_geometry_counts_like_its_processor():
+    """llava-onevision-qwen2-*-ov-hf: 384 px views of 14 px patches (27 x 27, not a multiple), 36 pinpoints."""
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    config = LlavaOnevisionConfig()
+    geo = O.Geometry.from_config(config)
+    assert (geo.side, geo.max_views, len(geo.pinpoints)) == (27, 9, 36)
+    proc = type(tiny_onevision_processor())(
+        image_processor=LlavaOnevisionImageProcessorPil(), tokenizer=tiny_onevision_processor().tokenizer,
+        num_image_tokens=729, vision_feature_select_strategy="full",
+    )  # fmt: skip
+    rng = random.Random(1)
+    sizes = [(480, 640), (1080, 1920), (1000, 4000), (4000, 300), (384, 384), (10, 3000)]
+    sizes += [(rng.randint(10, 4000), rng.randint(10, 4000)) for _ in range(40)]
+    for h, w in sizes:
+        assert geo.stock_tokens((h, w)) == proc._get_number_of_features(h, w, 384, 384), (h, w)
+        n = globalcom2.num_image_tokens(config, (h, w), retention_ratio=0.25, budget="exact")
+        assert n < geo.stock_tokens((h, w))
 
 
 def test_slots_keep_raster_order_inside_each_crop():
@@ -338,7 +361,7 @@ def test_unsupported_model_names_the_supported_classes():
 def test_video_inputs_are_refused(model, processor):
     inputs = inputs_for(processor, [demo_image(300, 220)])
     globalcom2.apply(model, retention_ratio=0.5)
-    video = torch.zeros(1, 2, 3, 84, 84)
+    video = torch.zeros(1, 2, 3, 90, 90)
     with pytest.raises(ValueError, match="pixel_values_videos: video inputs are not supported"):
         model(**inputs, pixel_values_videos=video)
     with pytest.raises(ValueError, match="pixel_values_videos"):
@@ -364,7 +387,7 @@ def test_strategy_and_options_are_validated_before_anything_changes(model, proce
         model(**inputs, vision_feature_select_strategy="default")
     with pytest.raises(ValueError, match="vision_aspect_ratio must be 'anyres_max_<m>'"):
         model(**inputs, vision_aspect_ratio="anyres")
-    with pytest.raises(ValueError, match="pixel_values views must be 84x84"):
+    with pytest.raises(ValueError, match="pixel_values views must be 90x90"):
         model(**{**inputs, "pixel_values": inputs["pixel_values"][..., :42, :42]})
     with pytest.raises(ValueError, match="pixel_values has 2 views per image"):
         model(**{**inputs, "pixel_values": inputs["pixel_values"][:, :2]})

@@ -1,8 +1,9 @@
 """Offline stand-ins for LLaVA-OneVision: a tiny random-weight model (SigLIP tower, Qwen2 LM) and its processor.
 
 Shaped like ``llava-hf/llava-onevision-qwen2-*-ov-hf`` (no [CLS] token, ``vision_feature_layer=-1`` with
-the ``"full"`` strategy, AnyRes pinpoints up to 6 x 6 views, ``anyres_max_9``), but with S = 7 tokens per
-side so that every code path (unpadding, the bilinear downscale, multi-image prompts) runs in seconds.
+the ``"full"`` strategy, AnyRes pinpoints up to 6 x 6 views, ``anyres_max_9``; 90 px views of 12 px
+patches, not a multiple, like 384 / 14), but with S = 7 tokens per side so that every code path
+(unpadding, the bilinear downscale, multi-image prompts) runs in seconds.
 Nothing here downloads anything.
 """
 
@@ -13,7 +14,7 @@ import torch
 from .tiny import tiny_tokenizer
 
 
-def tiny_onevision_pinpoints(image_size: int = 84, max_grid: int = 6) -> list[list[int]]:
+def tiny_onevision_pinpoints(image_size: int = 90, max_grid: int = 6) -> list[list[int]]:
     """Every (rows, cols) grid up to ``max_grid`` x ``max_grid`` views, as OneVision's config lists them."""
     s = image_size
     return [[s * r, s * c] for r in range(1, max_grid + 1) for c in range(1, max_grid + 1)]
@@ -27,7 +28,7 @@ def tiny_onevision_tokenizer():
 
 
 def tiny_onevision_config(
-    image_size: int = 84,
+    image_size: int = 90,
     patch_size: int = 12,
     vision_hidden: int = 32,
     vision_layers: int = 2,
@@ -93,7 +94,7 @@ def tiny_onevision_model(
 
 
 def tiny_onevision_processor(
-    image_size: int = 84,
+    image_size: int = 90,
     patch_size: int = 12,
     pinpoints: list[list[int]] | None = None,
     vision_aspect_ratio: str = "anyres_max_9",

@@ -125,12 +125,14 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
 
 def _shade(pixels: np.ndarray, kept: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Grey out dropped patches; darken letterbox padding."""
-    rep = pixels.shape[0] // kept.shape[0]
-    k = np.kron(kept, np.ones((rep, rep), dtype=bool))[..., None]
+    # token of every pixel row/column; views need not be a multiple of the patch (SigLIP: 384 px, 14 px patches)
+    rows = np.arange(pixels.shape[0]) * kept.shape[0] // pixels.shape[0]
+    cols = np.arange(pixels.shape[1]) * kept.shape[1] // pixels.shape[1]
+    k = kept[rows[:, None], cols[None, :]][..., None]
     grey = pixels * 0.25 + 0.55
     out = np.where(k, pixels, grey)
     if valid is not None:
-        v = np.kron(valid, np.ones((rep, rep), dtype=bool))[..., None]
+        v = valid[rows[:, None], cols[None, :]][..., None]
         out = np.where(v, out, out * 0.35)
     return out
 

@@ -116,10 +116,9 @@ def check_config(cfg) -> None:
         raise ValueError("config.image_grid_pinpoints must list the AnyRes resolutions; got none")
     parse_aspect_ratio(getattr(cfg, "vision_aspect_ratio", None))
     vc = cfg.vision_config
-    if vc.image_size % vc.patch_size:
+    if vc.image_size < vc.patch_size:  # 384 / 14 is fine: SigLIP's stride-14 patches give 27 x 27 tokens
         raise ValueError(
-            f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
-            f"({vc.patch_size})"
+            f"vision_config.image_size ({vc.image_size}) must be at least vision_config.patch_size ({vc.patch_size})"
         )
 
 
@@ -194,7 +193,7 @@ class Geometry:
 
     @property
     def side(self) -> int:
-        """S, tokens per side of one view."""
+        """S, tokens per side of one view (floor: 384 px views of 14 px patches give 27, as SigLIP and stock)."""
         return self.image_size // self.patch_size
 
     @classmethod
