@@ -98,6 +98,8 @@ def num_image_tokens(
         adapter.check_model(model)
     else:
         adapter.check_config(model_cfg)
+    if hasattr(adapter, "method_config"):  # what the method runs as on this family
+        cfg = adapter.method_config(cfg, model_cfg)
     size = _image_size(image_size)
     if cfg.where == "llm":
         raise ValueError(

@@ -284,51 +284,45 @@ def method_prefill_flops(shape: LMShape, method: str, ratio: float, tokens: int,
     return float(sum(prefill_flops(one, t) for t in per_layer))
 
 
-def internvl_visual_tokens(method: str, ratio: float, image_size, config) -> TokenCount:
-    """Visual tokens kept by ``method`` at ``ratio`` for an image of (height, width) on an InternVL ``config``.
+def _model_config(path: str):
+    """The transformers config of ``path`` when it is a supported multimodal model's config.json, else None."""
+    from transformers import AutoConfig
 
-    Stock: S^2 tokens per tile (crops, plus the thumbnail when there is more than one), no newlines.
-    Methods with a size-only count give ``globalcom2.num_image_tokens``; where the count depends on the
-    image (GlobalCom²'s default crop ratios) the ``budget="exact"`` count (the crop ratios average to R) is
-    returned with ``exact=False``. divprune / dart: as ``visual_tokens`` on the stock count; cdpruner:
-    round(N R) per tile; fastv / sparsevlm: int(T R). visionzip does not run on InternVL (ValueError).
+    from .models import adapter_for
+
+    data = dict(_load_config(Path(path)))
+    try:
+        config = AutoConfig.for_model(data.pop("model_type", None), **data)
+        adapter_for(config, "config")
+    except (ValueError, KeyError, TypeError):
+        return None
+    return config
+
+
+def family_token_counts(config, methods, ratios, image_size) -> list[tuple[str, float, str]]:
+    """(method, ratio, "stock S -> K") for a supported model config, from its adapter (``num_image_tokens``).
+
+    Where the count depends on the image's content, ``budget="exact"`` is used and said so; methods that
+    prune inside the language model or cannot run on the family say why.
     """
     from .budget import num_image_tokens
-    from .methods import REGISTRY
-    from .models import internvl
 
-    ratio = _check_ratio(ratio)
-    if method not in REGISTRY:
-        raise ValueError(f"method must be one of ({', '.join(map(repr, REGISTRY))}), got {method!r}")
-    cls = REGISTRY[method]
-    internvl.check_method(cls(retention_ratio=ratio))
-    geo = internvl.Geometry.from_config(config)
-    size = (int(image_size[0]), int(image_size[1]))
-    grid = geo.grid(size)
-    stock = geo.stock_tokens(grid)
-    if cls.where == "llm":
-        return TokenCount(method, ratio, stock, int(stock * ratio), method == "fastv")
-    if method == "divprune":
-        return TokenCount(method, ratio, stock, max(1, int(round(ratio * stock))), True)
-    if method == "dart":
-        return TokenCount(method, ratio, stock, 4 + 8 * (min(int(round(ratio * stock)), stock - 4) // 8), True)
-    if method == "cdpruner":
-        return TokenCount(method, ratio, stock, geo.views(grid) * max(1, round(geo.side**2 * ratio)), True)
-    try:
-        return TokenCount(method, ratio, stock, num_image_tokens(config, size, method, retention_ratio=ratio), True)
-    except ValueError:  # the count depends on the image: the exact-budget count, which it averages to
-        kept = num_image_tokens(config, size, method, retention_ratio=ratio, budget="exact")
-        return TokenCount(method, ratio, stock, kept, False)
-
-
-def _family_config(path: str):
-    """The InternVL config at ``path`` (config.json or its directory), or None for any other model."""
-    d = _load_config(Path(path))
-    if d.get("model_type") != "internvl":
-        return None
-    from transformers import InternVLConfig
-
-    return InternVLConfig.from_dict(d)
+    stock = num_image_tokens(config, image_size, "uniform", retention_ratio=1.0, layout="spatial")
+    rows = []
+    for m in methods:
+        for r in ratios:
+            try:
+                line = f"stock {stock} -> {num_image_tokens(config, image_size, m, retention_ratio=r)}"
+            except ValueError as err:
+                if "budget='exact'" not in str(err):
+                    rows.append((m, r, f"stock {stock}: {err}"))
+                    continue
+                line = f"stock {stock} -> {num_image_tokens(config, image_size, m, retention_ratio=r, budget='exact')}"
+                line += " (budget='exact')"
+            except TypeError as err:  # an option the method does not take
+                line = f"stock {stock}: {err}"
+            rows.append((m, r, line))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,20 +396,17 @@ def main(argv: list[str] | None = None) -> int:
                 "Table VII's TFLOPs for 100/75/50 % (80.0, 58.7, 38.3) are 0.1 above Eq. 8 on Vicuna-13B's "
                 "shape (79.9, 58.6, 38.2): a uniform +0.15 % no real shape gives (it would need m ~= 13856)."
             )
-    family = _family_config(args.config) if args.config else None
-    if args.image_size:
-        where = "LLaVA-NeXT-7B geometry" if family is None else "InternVL geometry of --config"
-        print(f"\nvisual tokens for a {args.image_size[1]}x{args.image_size[0]} image ({where}):")
+    model_config = _model_config(args.config) if args.config and args.image_size else None
+    if model_config is not None:
+        size = tuple(args.image_size)
+        print(f"\nvisual tokens for a {size[1]}x{size[0]} image ({model_config.model_type} geometry):")
+        for m, r, line in family_token_counts(model_config, args.methods, args.ratios, size):
+            print(f"  {m:>12} R={r:<5} {line}")
+    elif args.image_size:
+        print(f"\nvisual tokens for a {args.image_size[1]}x{args.image_size[0]} image (LLaVA-NeXT-7B geometry):")
         for m in args.methods:
             for r in args.ratios:
-                if family is not None:
-                    try:
-                        c = internvl_visual_tokens(m, r, tuple(args.image_size), family)
-                    except ValueError as err:
-                        print(f"  {m:>12} R={r:<5} {err}")
-                        continue
-                else:
-                    c = visual_tokens(m, r, tuple(args.image_size))
+                c = visual_tokens(m, r, tuple(args.image_size))
                 note = "" if c.exact else " (expected; depends on the image)"
                 in_llm = REGISTRY[m].where_of({}) == "llm"  # the method's default form
                 entering = c.stock if in_llm else c.kept  # in-LLM: pruned layer by layer

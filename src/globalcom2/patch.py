@@ -43,6 +43,8 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
         raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
     adapter = adapter_for(model)
     adapter.check_model(model)
+    if hasattr(adapter, "method_config"):  # what the method runs as on this family; refuses what cannot run
+        cfg = adapter.method_config(cfg, model.config)
     if hasattr(adapter, "check_method"):  # a family may refuse methods it cannot run
         adapter.check_method(cfg)
     if cfg.where == "llm":
@@ -93,6 +95,13 @@ def _in_llm(model, packed):
     return llm_pruning.pruning(model, cfg, packed.image_spans)
 
 
+def _check_call(model, kwargs: dict) -> None:
+    """The adapter's refusal of call options it cannot compress (e.g. OneVision's video inputs), if it has one."""
+    check = getattr(adapter_for(model), "check_call", None)
+    if check is not None:
+        check(model, kwargs)
+
+
 def _padding_side(attention_mask: torch.Tensor | None) -> str:
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         return "right"
@@ -104,6 +113,7 @@ def _wrap_forward(original: type):
 
     @functools.wraps(stock_forward)
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+        _check_call(self, kwargs)
         if pixel_values is None or pixel_values.numel() == 0:
             return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
@@ -157,6 +167,7 @@ class _PatchedMixin:
         """Stock ``generate`` on the compressed prompt; returns prompt ids + new tokens like stock."""
         input_ids = kwargs.pop("input_ids", inputs)
         stock = super().generate
+        _check_call(self, kwargs)
         if pixel_values is None or pixel_values.numel() == 0:
             return stock(input_ids, *args, attention_mask=attention_mask, **kwargs)
         if input_ids is None:

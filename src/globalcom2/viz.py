@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import core, make_config
-from .models import adapter_for, internvl
+from .models import adapter_for, internvl, scoring
 from .models import llava_next as adapter
 
 
@@ -38,6 +38,7 @@ class Panel:
     heat: np.ndarray  # (S, S) thumbnail [CLS] attention
     record: adapter.ImageRecord | internvl.ImageRecord
     stock_tokens: int
+    heat_name: str = "[CLS] attention"  # what the heat map shows (the method's scorer on this family)
 
     def kept_patch_counts(self) -> list[int]:
         """Patches drawn as kept, per view (thumbnail first, then crops in row-major order)."""
@@ -92,11 +93,14 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
     device = next(model.parameters()).device
     inputs = processor(images=image, text=_image_token(processor), return_tensors="pt")
     pv = inputs["pixel_values"].to(device, next(model.parameters()).dtype)
-    sizes = inputs["image_sizes"]
-    geo = adapter.Geometry.from_config(model.config)
+    family = adapter_for(model)  # the family's own selection, grid and counts
+    vision_kwargs = {k: inputs[k] for k in family.VISION_KWARGS if k in inputs}
     out = []
     for m, r, cfg in configs:
-        _, (rec,) = adapter.compress(model, cfg, pv, sizes)
+        if hasattr(family, "method_config"):
+            cfg = family.method_config(cfg, model.config)
+        _, (stock_tokens,), (rec,) = family.prepare_images(model, cfg, pv, vision_kwargs)
+        scorer = scoring.resolve_scorer(getattr(cfg, "scorer", "auto"), getattr(family, "HAS_CLS", True))
         nph, npw = rec.grid
         S = rec.side
         views = pv[0, : 1 + nph * npw]
@@ -104,8 +108,11 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
         tiles = [_denormalize(v, processor) for v in views[1:]]
         mosaic = np.concatenate([np.concatenate(tiles[i * npw : (i + 1) * npw], axis=1) for i in range(nph)], axis=0)
         kept = rec.kept_mask().cpu()  # (1 + n, N): exactly the tokens the LLM receives
-        crop_kept = core.crops_to_grid(kept[1:], rec.grid, S).numpy()
-        crop_valid = core.crops_to_grid(rec.valid.cpu(), rec.grid, S).numpy()
+        if hasattr(family, "patch_masks"):  # tokens are not patches (e.g. OneVision's downscaled crop map)
+            crop_kept, crop_valid = (x.numpy() for x in family.patch_masks(rec, model.config))
+        else:
+            crop_kept = core.crops_to_grid(kept[1:], rec.grid, S).numpy()
+            crop_valid = core.crops_to_grid(rec.valid.cpu(), rec.grid, S).numpy()
         out.append(
             Panel(
                 method=m,
@@ -117,7 +124,8 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
                 crop_valid=crop_valid,
                 heat=rec.scores[0].float().view(S, S).cpu().numpy(),
                 record=rec,
-                stock_tokens=geo.stock_tokens(rec.image_size),
+                stock_tokens=stock_tokens,
+                heat_name="[CLS] attention" if scorer == "cls" else f"score ({scorer})",
             )
         )
     return out
@@ -165,12 +173,14 @@ def _internvl_panels(model, processor, image, configs) -> list[Panel]:
 
 def _shade(pixels: np.ndarray, kept: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Grey out dropped patches; darken letterbox padding."""
-    rep = pixels.shape[0] // kept.shape[0]
-    k = np.kron(kept, np.ones((rep, rep), dtype=bool))[..., None]
+    # token of every pixel row/column; views need not be a multiple of the patch (SigLIP: 384 px, 14 px patches)
+    rows = np.arange(pixels.shape[0]) * kept.shape[0] // pixels.shape[0]
+    cols = np.arange(pixels.shape[1]) * kept.shape[1] // pixels.shape[1]
+    k = kept[rows[:, None], cols[None, :]][..., None]
     grey = pixels * 0.25 + 0.55
     out = np.where(k, pixels, grey)
     if valid is not None:
-        v = np.kron(valid, np.ones((rep, rep), dtype=bool))[..., None]
+        v = valid[rows[:, None], cols[None, :]][..., None]
         out = np.where(v, out, out * 0.35)
     return out
 
@@ -205,7 +215,7 @@ def render(
             ax.axhline(i * h / nph - 0.5, color="white", lw=1.5)
         for j in range(1, npw):
             ax.axvline(j * w / npw - 0.5, color="white", lw=1.5)
-        counts = pn.kept_patch_counts()[1:]
+        counts = rec.kept_per_view().tolist()[1:]  # tokens (= patches drawn, unless the family resizes)
         for idx, (r_j, k) in enumerate(zip(rec.selection.crop_ratios.tolist(), counts)):
             i, j = divmod(idx, npw)
             total = int(rec.valid[idx].sum())
@@ -214,7 +224,7 @@ def render(
         ax.set_title(f"crops {nph}x{npw} (padding darkened)", fontsize=9)
         ax = row[2]
         im = ax.imshow(pn.heat, cmap="magma")
-        ax.set_title("thumbnail [CLS] attention", fontsize=9)
+        ax.set_title(f"thumbnail {pn.heat_name}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         for a in row:
             a.set_xticks([])
@@ -250,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 viz``."""
     ap = argparse.ArgumentParser(prog="globalcom2 viz", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local LLaVA-NeXT or InternVL (-hf) checkpoint")
+    src.add_argument("--model", help="local checkpoint of a supported family (LLaVA-NeXT, OneVision, InternVL -hf)")
     src.add_argument("--demo", action="store_true", help="tiny random-weight model and a generated image")
     ap.add_argument("--image", help="image file (required with --model)")
-    ap.add_argument("--family", choices=("llava_next", "internvl"), default="llava_next",
-                    help="model family of the --demo model")  # fmt: skip
+    ap.add_argument("--family", choices=sorted(DEMO_FAMILIES), default="llava_next",
+                    help="model family of the --demo model (a --model checkpoint names its own)")  # fmt: skip
     ap.add_argument("--method", nargs="+", default=["globalcom2"], help="one or more vision-side methods")
     ap.add_argument("--ratio", nargs="+", type=float, default=[0.25], help="one or more retention ratios")
     ap.add_argument("--out", default="globalcom2-viz.png", help="PNG to write")
@@ -262,37 +272,50 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.model and not args.image:
         ap.error("--image is required with --model")
-    if args.demo and args.family == "internvl":
+    if args.demo:
         from .tiny import demo_image
-        from .tiny_internvl import tiny_internvl_model, tiny_internvl_processor
 
-        model, processor = tiny_internvl_model(), tiny_internvl_processor()
-        image = demo_image(640, 400) if not args.image else _open(args.image)
-    elif args.demo:
-        from .demo import DEMO_SHAPE
-        from .tiny import demo_image, tiny_model, tiny_processor
-
-        model = tiny_model(**DEMO_SHAPE)
-        processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+        model, processor = DEMO_FAMILIES[args.family]()
         image = demo_image(640, 400) if not args.image else _open(args.image)
     else:
-        from transformers import (
-            AutoConfig,
-            AutoProcessor,
-            InternVLForConditionalGeneration,
-            LlavaNextForConditionalGeneration,
-        )
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
 
-        kind = getattr(AutoConfig.from_pretrained(args.model, local_files_only=True), "model_type", None)
-        cls = InternVLForConditionalGeneration if kind == "internvl" else LlavaNextForConditionalGeneration
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        family = adapter_for(config, "--model")  # TypeError naming the supported classes
+        model_class = getattr(transformers, family.SUPPORTED_CLASSES[0])
         processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        model = cls.from_pretrained(args.model, local_files_only=True)
+        model = model_class.from_pretrained(args.model, local_files_only=True)
         image = _open(args.image)
     model = model.to(args.device).eval()
     fig = render(model, processor, image, methods=args.method, ratios=args.ratio, random_weights=args.demo)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"saved {args.out}")
     return 0
+
+
+def _demo_llava_next():
+    from .demo import DEMO_SHAPE
+    from .tiny import tiny_model, tiny_processor
+
+    processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+    return tiny_model(**DEMO_SHAPE), processor
+
+
+def _demo_llava_onevision():
+    from .tiny_onevision import tiny_onevision_model, tiny_onevision_processor
+
+    return tiny_onevision_model(), tiny_onevision_processor()
+
+
+def _demo_internvl():
+    from .tiny_internvl import tiny_internvl_model, tiny_internvl_processor
+
+    return tiny_internvl_model(), tiny_internvl_processor()
+
+
+#: --demo models per family: () -> (model, processor), random weights
+DEMO_FAMILIES = {"llava_next": _demo_llava_next, "llava_onevision": _demo_llava_onevision, "internvl": _demo_internvl}
 
 
 def _open(path: str):

@@ -80,13 +80,11 @@ class GlobalCom2LlavaNext(lmms):
     ) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for --batch_size auto, which this model does not do
+        import transformers
         from accelerate import Accelerator
-        from transformers import (
-            AutoConfig,
-            AutoProcessor,
-            InternVLForConditionalGeneration,
-            LlavaNextForConditionalGeneration,
-        )
+        from transformers import AutoConfig, AutoProcessor
+
+        from ..models import FAMILIES, adapter_for
 
         self.choice = opts.method_choice(method, **method_options)  # validate before loading anything
         if conv_template not in opts.CONV_TEMPLATES:
@@ -112,17 +110,19 @@ class GlobalCom2LlavaNext(lmms):
         pretrained = str(pretrained)
         load = {"local_files_only": local_files_only}
         config = AutoConfig.from_pretrained(pretrained, **load)
-        classes = {"llava_next": LlavaNextForConditionalGeneration, "internvl": InternVLForConditionalGeneration}
-        if getattr(config, "model_type", None) not in classes:
+        try:  # the family's adapter picks the model class (LLaVA-NeXT, LLaVA-OneVision, ...)
+            family = adapter_for(config, "pretrained")
+        except TypeError:
+            types = ", ".join(repr(f.FAMILY) for f in FAMILIES)
             raise TypeError(
-                f"--model globalcom2 runs LLaVA-NeXT or InternVL (-hf) checkpoints (model_type one of "
-                f"{tuple(classes)}); {pretrained} is {getattr(config, 'model_type', None)!r}"
-            )
-        self.family = config.model_type
+                f"--model globalcom2 runs checkpoints of model_type ({types}); {pretrained} is "
+                f"{getattr(config, 'model_type', None)!r}"
+            ) from None
+        self.family = family.FAMILY
         kwargs: dict[str, Any] = {"dtype": _dtype(dtype, self._device), **load}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = classes[config.model_type].from_pretrained(pretrained, **kwargs)
+        model = getattr(transformers, family.SUPPORTED_CLASSES[0]).from_pretrained(pretrained, **kwargs)
         model = model.to(self._device).eval()
         if not self.choice.is_stock:
             apply(model, self.choice.config)

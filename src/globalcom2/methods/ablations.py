@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice
+from .base import ImageContext, MethodConfig, Selection, check_choice, check_scorer
 from .globalcom2 import BUDGETS, SCORES, GlobalCom2Config
 
 
@@ -122,6 +122,8 @@ class _ViewSubsetConfig(MethodConfig):
 
     retention_ratio: share of each kept view's tokens (top ``int(N_v R)`` by [CLS] score); 1.0 = the paper.
     score: [CLS] attention of the last layer as "logits" (default) or "softmax".
+    scorer: how tokens and crops are rated: "auto" ("cls" where the tower has a [CLS] token, else
+        "global_dissimilarity"), "cls", "attention_received" or "global_dissimilarity".
     seed: which crop ``drop_random_crop`` drops (same for every image, batch or not).
     budget: "authors" (default) keeps ``int(N_j R)`` of every crop left. Which crop
         ``drop_important_crop`` / ``drop_unimportant_crop`` drop depends on the image's content, and so
@@ -137,9 +139,11 @@ class _ViewSubsetConfig(MethodConfig):
     score: str = "logits"
     seed: int = 0
     budget: str = "authors"
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_scorer(self.scorer)
         check_choice("score", self.score, SCORES)
         check_choice("budget", self.budget, BUDGETS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -164,6 +164,13 @@ def _fmt(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
+def check_scorer(value: Any) -> None:
+    """Raise ValueError naming ``scorer`` unless ``value`` is one of ``models.scoring.SCORER_CHOICES``."""
+    from ..models.scoring import SCORER_CHOICES  # lazy: models imports methods
+
+    check_choice("scorer", value, SCORER_CHOICES)
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:

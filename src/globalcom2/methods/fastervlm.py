@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice
+from .base import ImageContext, MethodConfig, Selection, check_choice, check_scorer
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class FasterVLMConfig(MethodConfig):
     unpad: False (FasterVLM's code: padded crop grid, no newlines) or True (R of each crop's
         unpadded tokens, ``int(N_j R)``, stock newlines).
     score: "softmax" (FasterVLM) or "logits".
+    scorer: "auto" ("cls" where the tower has a [CLS] token, else "global_dissimilarity"), "cls",
+        "attention_received" or "global_dissimilarity" (``globalcom2.models.scoring``).
     budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: every view's
         count already depends on the image size only (``globalcom2.num_image_tokens``).
     """
@@ -49,9 +51,11 @@ class FasterVLMConfig(MethodConfig):
     unpad: bool = False
     score: str = "softmax"
     budget: str = "authors"
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_scorer(self.scorer)
         if not isinstance(self.unpad, bool):
             raise TypeError(f"unpad must be True or False, got {self.unpad!r}")
         check_choice("score", self.score, ("softmax", "logits"))

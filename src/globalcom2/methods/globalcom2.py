@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_number
+from .base import ImageContext, MethodConfig, Selection, check_choice, check_number, check_scorer
 
 ALLOCATIONS = ("softmax_sum", "softmax_max", "ntopk", "uniform")
 IMPORTANCES = ("global_local", "local_only", "global_only")
@@ -37,6 +37,9 @@ class GlobalCom2Config(MethodConfig):
     allocation: how crop ratios are allocated (Table IV): "softmax_sum" (default), "softmax_max",
         "ntopk", "uniform".
     importance: crop-token importance (Table V): "global_local" (default), "local_only", "global_only".
+    scorer: how every view's tokens are rated: "auto" (default: "cls" where the vision tower has a [CLS]
+        token, as the paper; "global_dissimilarity" on towers without one, e.g. SigLIP), "cls",
+        "attention_received" or "global_dissimilarity" (see ``globalcom2.models.scoring``).
     budget: "authors" (default): crop j keeps int(N_j r_j), so the total depends on the image's content
         (except with allocation="uniform"). "exact": the crops together keep round(R sum N_j), shared in
         proportion to N_j r_j with crop j capped at N_j (``core.allocate_exact``), so the number of visual
@@ -57,9 +60,11 @@ class GlobalCom2Config(MethodConfig):
     allocation: str = "softmax_sum"
     importance: str = "global_local"
     budget: str = "authors"
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_scorer(self.scorer)
         check_number("alpha", self.alpha, 0.0, 1.0, low_open=False)
         check_number("temperature", self.temperature, 0.0, float("inf"), high_open=True)
         check_choice("score", self.score, SCORES)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_number
+from .base import ImageContext, MethodConfig, Selection, check_choice, check_number, check_scorer
 
 
 def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
@@ -84,6 +84,8 @@ class VisionZipConfig(MethodConfig):
         (VisionZip's 10 of 64).
     budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
         ``(1 + n) K`` already depends on the image size only (``globalcom2.num_image_tokens``).
+    scorer: how dominant tokens are rated: "auto" (= "cls", VisionZip's [CLS] attention), "cls",
+        "attention_received" or "global_dissimilarity" (``globalcom2.models.scoring``).
     """
 
     name = "visionzip"
@@ -93,9 +95,11 @@ class VisionZipConfig(MethodConfig):
 
     contextual_share: float = 10 / 64
     budget: str = "authors"
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_scorer(self.scorer)
         check_number("contextual_share", self.contextual_share, 0.0, 1.0, low_open=False, high_open=True)
         check_choice("budget", self.budget, ("authors", "exact"))
 

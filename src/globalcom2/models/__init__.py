@@ -19,12 +19,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import internvl, llava_next
+from . import internvl, llava_next, llava_onevision
 
-__all__ = ["FAMILIES", "adapter_for", "internvl", "llava_next"]
+__all__ = ["FAMILIES", "adapter_for", "internvl", "llava_next", "llava_onevision"]
 
 #: every adapter module, in the order ``adapter_for`` tries them
-FAMILIES: tuple[ModuleType, ...] = (llava_next, internvl)
+FAMILIES: tuple[ModuleType, ...] = (llava_next, llava_onevision, internvl)
 
 
 def _supported() -> str:

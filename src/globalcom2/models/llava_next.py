@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import core
 from ..methods.base import ImageContext, MethodConfig, Selection
+from . import scoring
 from .common import PackedInputs, pack, text_embeddings  # noqa: F401  (re-exported: the adapter's API)
 
 try:  # the processor's own rule, so the grid always matches the pixel values it produced
@@ -289,6 +290,52 @@ def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int =
     return core.cls_attention(q_cls, keys, num_heads, score)
 
 
+def layer_qk_tokens(
+    layers, hidden_states: tuple, layer: int, num_heads: int, has_cls: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, tokens) of one encoder layer of a CLIP/SigLIP-style tower, recomputed from its hidden states.
+
+    hidden_states: the tower's ``output_hidden_states`` tuple; layer: index into it like
+    ``vision_feature_layer`` (the layer whose *output* that is). q: (V, T, D) float32 queries times the
+    head scale, k: (V, T, D) float32 keys of the layer (from ``layer_norm1`` of its input), tokens:
+    (V, N, D) its output without the [CLS] token. Any attention kernel works.
+    """
+    pos = layer % (len(layers) + 1)
+    if pos == 0:
+        raise ValueError(
+            "vision_feature_layer 0 selects the embeddings, which no encoder layer's attention produced; methods "
+            f"scoring by the feature layer's attention need a layer index other than 0 or {-len(layers) - 1}"
+        )
+    lyr = layers[pos - 1]
+    attn = lyr.self_attn
+    x = lyr.layer_norm1(hidden_states[pos - 1])  # (V, T, D)
+    scale = getattr(attn, "scale", (x.shape[-1] // num_heads) ** -0.5)
+
+    def proj(lin: nn.Linear) -> torch.Tensor:
+        b = lin.bias.float() if lin.bias is not None else None
+        return F.linear(x.float(), lin.weight.float(), b)
+
+    tokens = hidden_states[pos]
+    return proj(attn.q_proj) * scale, proj(attn.k_proj), tokens[:, 1:] if has_cls else tokens
+
+
+def tower_scores(
+    tower: nn.Module, hidden_states: tuple, scorer: str, score: str, layer: int, has_cls: bool = True
+) -> torch.Tensor:
+    """(V, N) float32 rating of every patch token by ``scorer`` (a concrete ``scoring.SCORERS`` name).
+
+    "cls" is the [CLS] row of ``layer``'s attention (``_cls_scores``); the others come from that layer's
+    recomputed queries/keys (``attention_received``) or its output tokens (``global_dissimilarity``).
+    """
+    if scorer == "cls":
+        return _cls_scores(tower, hidden_states, score, layer)
+    layers = _encoder_layers(tower)
+    attn = layers[0].self_attn
+    num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
+    q, k, tokens = layer_qk_tokens(layers, hidden_states, layer, num_heads, has_cls)
+    return scoring.view_scores(scorer, q, k, tokens, num_heads, has_cls, score)
+
+
 def encode_views(
     model: nn.Module,
     pixel_values: torch.Tensor,
@@ -296,6 +343,7 @@ def encode_views(
     score: str = "logits",
     score_layer: int | None = -1,
     return_hidden: bool = False,
+    scorer: str = "cls",
     **overrides,
 ):
     """Run the vision tower once over every view of every image.
@@ -303,6 +351,8 @@ def encode_views(
     pixel_values: (B, V_max, C, H, W) as the processor returns it, or (sum V_i, C, H, W).
     score, score_layer: which [CLS] attention to return ("logits"/"softmax"; the attention of the layer
         producing ``hidden_states[score_layer]``, -1 the last layer; None means ``vision_feature_layer``).
+    scorer: "cls" (default), "attention_received" or "global_dissimilarity" (``models.scoring``), from
+        the same layer; "auto" is "cls" on this [CLS] tower.
     returns: (features, scores, sizes): per image (V_i, N, D_llm) projected features and
         (V_i, N) [CLS] scores, plus the (height, width) of each image; with ``return_hidden`` also
         the tower's hidden-state tuple (embeddings, then each layer's output) over all views.
@@ -320,8 +370,9 @@ def encode_views(
             f"vision_feature_layer must be one int with this method (it ranks tokens by the [CLS] attention of "
             f"the feature layer), got {score_layer!r}"
         )
+    scorer = scoring.resolve_scorer(scorer, has_cls=True, tower=type(tower).__name__)
     with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
-        scores = _cls_scores(tower, hs, score, score_layer)  # (sum V, N)
+        scores = tower_scores(tower, hs, scorer, score, score_layer)  # (sum V, N)
     if return_hidden:
         return list(feats.split(n_views)), list(scores.split(n_views)), sizes, hs
     return list(feats.split(n_views)), list(scores.split(n_views)), sizes
@@ -441,8 +492,9 @@ def compress(
     returns: (features, records): per image a (T_i, D_llm) tensor and an ``ImageRecord``.
     """
     layer, kind = cfg.score_source
+    scorer = getattr(cfg, "scorer", "auto")
     feats, scores, sizes, hs = encode_views(
-        model, pixel_values, image_sizes, score=kind, score_layer=layer, return_hidden=True, **overrides
+        model, pixel_values, image_sizes, score=kind, score_layer=layer, return_hidden=True, scorer=scorer, **overrides
     )
     geo = Geometry.from_config(model.config)
     extras = method_inputs(

@@ -50,6 +50,11 @@ def method_config(hf_config: Any) -> MethodConfig:
             "cannot serve it. Use globalcom2.apply on the Hugging Face model, or a method that reads the image "
             "alone (globalcom2, fastervlm, visionzip, divprune, composed with those selectors)"
         )
+    if getattr(cfg, "scorer", "auto") not in ("auto", "cls"):
+        raise ValueError(
+            f"scorer={cfg.scorer!r}: the vLLM plugin rates tokens by their [CLS] attention (scorer 'auto' or 'cls'); "
+            "the other scorers run on the Hugging Face path (globalcom2.apply)"
+        )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
     side = hf_config.vision_config.image_size
