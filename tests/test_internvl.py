@@ -351,10 +351,10 @@ def test_flops_cli_counts_internvl_tokens(tmp_path, capsys):
     flops.main(["--config", str(tmp_path), "--image-size", "120", "300", "--ratios", "0.25",
                 "--methods", "fastervlm", "globalcom2", "visionzip"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "InternVL geometry" in out
-    assert "fastervlm R=0.25  stock 176 -> 44; prefill " in out
-    assert "globalcom2 R=0.25  stock 176 -> 44 (expected" in out
-    assert "visionzip R=0.25  method 'visionzip' is not supported on InternVL" in out
+    assert "(internvl geometry)" in out
+    assert "fastervlm R=0.25  stock 176 -> 44\n" in out
+    assert "globalcom2 R=0.25  stock 176 -> 44 (budget='exact')" in out
+    assert "visionzip R=0.25  stock 176: method 'visionzip' is not supported on InternVL" in out
 
 
 def test_lmms_plugin_passes_the_crop_grids(proc, imgs):
