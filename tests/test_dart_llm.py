@@ -193,6 +193,15 @@ def test_form_picks_where_and_the_embedding_form_still_selects(processor):
     assert seen[0] < inputs["input_ids"].shape[1]  # shortened before the language model
 
 
+def test_num_image_tokens_refuses_the_in_llm_form_and_names_the_embedding_form():
+    from globalcom2.tiny import tiny_config
+
+    with pytest.raises(ValueError, match=r"prunes inside the language model.*form='embedding'"):
+        globalcom2.num_image_tokens(tiny_config(), (300, 220), method="dart")
+    with pytest.raises(ValueError, match="does not declare a token count"):  # the prompt's text pivots count
+        globalcom2.num_image_tokens(tiny_config(), (300, 220), method="dart", form="embedding")
+
+
 def test_vllm_plugin_refuses_the_in_llm_form_and_names_the_embedding_form():
     from globalcom2.integrations.vllm import method_config
     from globalcom2.tiny import tiny_config

@@ -11,6 +11,9 @@ methods select inside ``prefill``), ``prefill`` the language model over the prom
 new token with the KV cache, ``peak`` the extra memory during prefill (CUDA: allocator peak; CPU:
 resident-set peak sampled every 2 ms), ``kv`` the cache bytes after prefill beside the
 analytic ``2 L T d_kv bytes``, and the Eq. 8 prefill-FLOPs bound on the speedup.
+
+``--options`` passes a method's other options as JSON, e.g. SparseVLM on a 4-layer model:
+``--layers 4 --methods sparsevlm --options '{"sparsevlm": {"layers": [0, 1, 2]}}'``.
 """
 
 from __future__ import annotations

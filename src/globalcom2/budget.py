@@ -106,6 +106,7 @@ def num_image_tokens(
             f"method {cfg.name!r} prunes inside the language model: every image enters it with stock "
             "LLaVA-NeXT's token count and is shortened layer by layer; num_image_tokens covers the "
             "vision-side methods"
+            + (f" ({cfg.name}'s vision-side form is form='embedding')" if "form" in cfg.option_names() else "")
         )
     if hasattr(adapter, "check_method"):
         adapter.check_method(cfg)
