@@ -198,8 +198,11 @@ def test_num_image_tokens_refuses_the_in_llm_form_and_names_the_embedding_form()
 
     with pytest.raises(ValueError, match=r"prunes inside the language model.*form='embedding'"):
         globalcom2.num_image_tokens(tiny_config(), (300, 220), method="dart")
-    with pytest.raises(ValueError, match="does not declare a token count"):  # the prompt's text pivots count
-        globalcom2.num_image_tokens(tiny_config(), (300, 220), method="dart", form="embedding")
+    # the embedding form's count is 4 + 8 TOPK whenever the prompt has >= pivot_text_tokens text tokens
+    stock = globalcom2.num_image_tokens(tiny_config(), (300, 220), "uniform", retention_ratio=1.0, layout="spatial")
+    topk = min(round(0.25 * stock), stock - 4) // 8
+    got = globalcom2.num_image_tokens(tiny_config(), (300, 220), method="dart", form="embedding", retention_ratio=0.25)
+    assert got == 4 + 8 * topk
 
 
 def test_vllm_plugin_refuses_the_in_llm_form_and_names_the_embedding_form():
