@@ -12,6 +12,45 @@ import torch
 from torch import nn
 
 
+def check_class(model: nn.Module, supported: tuple[str, ...]) -> None:
+    """Raise TypeError naming the supported classes unless ``model`` is (a subclass of) one of them."""
+    if not {c.__name__ for c in type(model).__mro__}.intersection(supported):
+        raise TypeError(f"model must be one of ({', '.join(supported)}) from transformers, got {type(model).__name__}")
+
+
+def flatten_views(pixel_values: torch.Tensor, n_views: list[int], image_size: int, hint: str = "") -> torch.Tensor:
+    """(sum V_i, C, H, W) views of every image from the processor's padded (B, V_max, C, H, W) or flat tensor.
+
+    n_views: views each image needs (from its size); image_size: pixels per side of a view.
+    hint: what else must come from the same processor call (e.g. " (and batch_num_images)").
+    Raises ValueError naming the mismatch before any work.
+    """
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(n_views):
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(n_views)}; "
+                "pass both from the same processor call"
+            )
+        if pixel_values.shape[1] < max(n_views):
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
+                f"{max(n_views)}; pass both{hint} from the same processor call"
+            )
+        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
+    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
+        raise ValueError(
+            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
+            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}; pass both from the same "
+            "processor call"
+        )
+    if pixel_values.shape[-1] != image_size or pixel_values.shape[-2] != image_size:
+        raise ValueError(
+            f"pixel_values views must be {image_size}x{image_size} (vision_config.image_size), "
+            f"got {tuple(pixel_values.shape[-2:])}"
+        )
+    return pixel_values
+
+
 def text_embeddings(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, counts: list[int]
 ) -> list[torch.Tensor | None]:

@@ -42,7 +42,7 @@ from torch import nn
 from .. import core
 from ..methods.base import ImageContext, MethodConfig, Selection
 from . import scoring
-from .common import PackedInputs, pack, text_embeddings  # noqa: F401  (re-exported: the adapter's API)
+from .common import PackedInputs, check_class, pack, text_embeddings  # noqa: F401  (re-exported)
 
 FAMILY = "internvl"
 SUPPORTED_CLASSES = ("InternVLForConditionalGeneration",)
@@ -99,11 +99,7 @@ def check_config(cfg) -> None:
 
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a stock InternVL this adapter supports."""
-    cls_names = {c.__name__ for c in type(model).__mro__}
-    if not cls_names.intersection(SUPPORTED_CLASSES):
-        raise TypeError(
-            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
-        )
+    check_class(model, SUPPORTED_CLASSES)
     check_config(model.config)
     tower = model.model.vision_tower
     layers = getattr(getattr(tower, "encoder", None), "layer", None)

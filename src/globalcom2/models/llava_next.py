@@ -17,7 +17,7 @@ from torch import nn
 from .. import core
 from ..methods.base import ImageContext, MethodConfig, Selection
 from . import scoring
-from .common import PackedInputs, pack, text_embeddings  # noqa: F401  (re-exported: the adapter's API)
+from .common import PackedInputs, check_class, flatten_views, pack, text_embeddings  # noqa: F401  (re-exported)
 
 try:  # the processor's own rule, so the grid always matches the pixel values it produced
     from transformers.image_processing_utils import select_best_resolution
@@ -69,11 +69,7 @@ def check_config(cfg) -> None:
 
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
-    cls_names = {c.__name__ for c in type(model).__mro__}
-    if not cls_names.intersection(SUPPORTED_CLASSES):
-        raise TypeError(
-            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
-        )
+    check_class(model, SUPPORTED_CLASSES)
     check_config(model.config)
     layers = _encoder_layers(model.model.vision_tower)
     last = layers[-1] if layers is not None and len(layers) else None
@@ -227,29 +223,7 @@ def check_vision_inputs(model: nn.Module, pixel_values, image_sizes, overrides: 
         raise TypeError(f"pixel_values must be a float tensor from the processor, got {type(pixel_values).__name__}")
     sizes = _image_sizes_list(image_sizes)
     n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
-    if pixel_values.dim() == 5:
-        if pixel_values.shape[0] != len(sizes):
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(sizes)}; "
-                "pass both from the same processor call"
-            )
-        if pixel_values.shape[1] < max(n_views):
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
-                f"{max(n_views)}; pass both from the same processor call"
-            )
-        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
-    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
-        raise ValueError(
-            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
-            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}; pass both from the same "
-            "processor call"
-        )
-    if pixel_values.shape[-1] != geo.image_size or pixel_values.shape[-2] != geo.image_size:
-        raise ValueError(
-            f"pixel_values views must be {geo.image_size}x{geo.image_size} (vision_config.image_size), "
-            f"got {tuple(pixel_values.shape[-2:])}"
-        )
+    pixel_values = flatten_views(pixel_values, n_views, geo.image_size)
     strategy = overrides.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
     if strategy != "default":
         raise ValueError(f"vision_feature_select_strategy must be 'default' while compressing, got {strategy!r}")

@@ -55,7 +55,7 @@ from torch import nn
 from .. import core
 from ..methods.base import ImageContext, MethodConfig
 from . import scoring
-from .common import pack, text_embeddings  # noqa: F401  (re-exported: the adapter's API)
+from .common import check_class, flatten_views, pack, text_embeddings  # noqa: F401  (re-exported)
 from .llava_next import (
     ImageRecord,
     _encoder_layers,
@@ -124,11 +124,7 @@ def check_config(cfg) -> None:
 
 def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a stock LLaVA-OneVision this adapter supports."""
-    cls_names = {c.__name__ for c in type(model).__mro__}
-    if not cls_names.intersection(SUPPORTED_CLASSES):
-        raise TypeError(
-            f"model must be one of ({', '.join(SUPPORTED_CLASSES)}) from transformers, got {type(model).__name__}"
-        )
+    check_class(model, SUPPORTED_CLASSES)
     check_config(model.config)
     layers = _encoder_layers(model.model.vision_tower)
     last = layers[-1] if layers is not None and len(layers) else None
@@ -299,29 +295,7 @@ def check_vision_inputs(model: nn.Module, pixel_values, vision_kwargs: dict):
     counts = _batch_num_images(vision_kwargs.get("batch_num_images"), len(sizes))
     patched = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
     n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] if p else 1 for s, p in zip(sizes, patched)]
-    if pixel_values.dim() == 5:
-        if pixel_values.shape[0] != len(sizes):
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} images but image_sizes holds {len(sizes)}; "
-                "pass both from the same processor call"
-            )
-        if pixel_values.shape[1] < max(n_views):
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[1]} views per image but image_sizes needs up to "
-                f"{max(n_views)}; pass both (and batch_num_images) from the same processor call"
-            )
-        pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)], dim=0)
-    elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
-        raise ValueError(
-            f"pixel_values must be (images, views, C, H, W) or (sum of views, C, H, W) with {sum(n_views)} "
-            f"views for these image_sizes, got shape {tuple(pixel_values.shape)}; pass both from the same "
-            "processor call"
-        )
-    if pixel_values.shape[-1] != geo.image_size or pixel_values.shape[-2] != geo.image_size:
-        raise ValueError(
-            f"pixel_values views must be {geo.image_size}x{geo.image_size} (vision_config.image_size), "
-            f"got {tuple(pixel_values.shape[-2:])}"
-        )
+    pixel_values = flatten_views(pixel_values, n_views, geo.image_size, " (and batch_num_images)")
     layer = feature_layer(model, vision_kwargs.get("vision_feature_layer"))
     return pixel_values, sizes, patched, n_views, layer, geo
 
