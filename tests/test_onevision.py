@@ -56,15 +56,14 @@ def test_stock_counts_equal_the_processor_and_the_model(model, processor):
 def test_real_checkpoint_geometry_counts_like_its_processor():
     """llava-onevision-qwen2-*-ov-hf: 384 px views of 14 px patches (27 x 27, not a multiple), 36 pinpoints."""
     from transformers import LlavaOnevisionConfig
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
+
+    from globalcom2.tiny_onevision import pil_image_processor_class
 
     config = LlavaOnevisionConfig()
     geo = O.Geometry.from_config(config)
     assert (geo.side, geo.max_views, len(geo.pinpoints)) == (27, 9, 36)
     proc = type(tiny_onevision_processor())(
-        image_processor=LlavaOnevisionImageProcessorPil(), tokenizer=tiny_onevision_processor().tokenizer,
+        image_processor=pil_image_processor_class()(), tokenizer=tiny_onevision_processor().tokenizer,
         num_image_tokens=729, vision_feature_select_strategy="full",
     )  # fmt: skip
     rng = random.Random(1)

@@ -93,6 +93,19 @@ def tiny_onevision_model(
     return model.eval()
 
 
+def pil_image_processor_class() -> type:
+    """OneVision's PIL/NumPy image processor: its own module from transformers 5.4, the base class before."""
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+    except ImportError:  # transformers < 5.4
+        from transformers import LlavaOnevisionImageProcessor
+
+        return LlavaOnevisionImageProcessor
+    return LlavaOnevisionImageProcessorPil
+
+
 def tiny_onevision_processor(
     image_size: int = 90,
     patch_size: int = 12,
@@ -101,11 +114,8 @@ def tiny_onevision_processor(
 ):
     """A ``LlavaOnevisionProcessor`` matching ``tiny_onevision_config`` (PIL image backend, local tokenizer)."""
     from transformers import LlavaOnevisionProcessor
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
 
-    image_processor = LlavaOnevisionImageProcessorPil(
+    image_processor = pil_image_processor_class()(
         size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints or tiny_onevision_pinpoints(image_size),
     )
