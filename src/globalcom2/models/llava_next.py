@@ -67,18 +67,23 @@ def check_config(cfg) -> None:
         )
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
-    check_class(model, SUPPORTED_CLASSES)
-    check_config(model.config)
-    layers = _encoder_layers(model.model.vision_tower)
+def check_encoder_tower(tower: nn.Module, kind: str, extra: str = "") -> None:
+    """TypeError unless ``tower``'s layers have what the scores are recomputed from (layer_norm1, q/k projections)."""
+    layers = _encoder_layers(tower)
     last = layers[-1] if layers is not None and len(layers) else None
     attn = getattr(last, "self_attn", None)
     if last is None or not all(hasattr(m, n) for m, n in ((last, "layer_norm1"), (attn, "q_proj"), (attn, "k_proj"))):
         raise TypeError(
-            "the vision tower must be a CLIP-style encoder (layers with layer_norm1 and "
-            f"self_attn.q_proj/k_proj) with a [CLS] token; got {type(model.model.vision_tower).__name__}"
+            f"the vision tower must be {kind} (layers with layer_norm1 and self_attn.q_proj/k_proj){extra}; "
+            f"got {type(tower).__name__}"
         )
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` is a stock AnyRes LLaVA-NeXT this adapter supports."""
+    check_class(model, SUPPORTED_CLASSES)
+    check_config(model.config)
+    check_encoder_tower(model.model.vision_tower, "a CLIP-style encoder", " with a [CLS] token")
     emb = getattr(getattr(model.model.vision_tower, "vision_model", model.model.vision_tower), "embeddings", None)
     if getattr(emb, "class_embedding", None) is None:
         raise TypeError(
@@ -231,6 +236,29 @@ def check_vision_inputs(model: nn.Module, pixel_values, image_sizes, overrides: 
     return pixel_values, sizes, n_views, layer
 
 
+def _f32_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` in float32 (scores are computed in float32 whatever the model's dtype)."""
+    bias = lin.bias.float() if lin.bias is not None else None
+    return F.linear(x.float(), lin.weight.float(), bias)
+
+
+def _scoring_layer(layers, hidden_states: tuple, layer: int, what: str) -> tuple[nn.Module, torch.Tensor, int]:
+    """(encoder layer, its ``layer_norm1`` input (V, T, D), hidden-state index) of the layer producing
+    ``hidden_states[layer]``; ValueError for index 0 (the embeddings: no layer's attention made them)."""
+    pos = layer % (len(layers) + 1)  # index into hidden_states: hidden_states[i] is the output of layer i - 1
+    if pos == 0:
+        raise ValueError(
+            f"vision_feature_layer 0 selects the embeddings, which no encoder layer's {what} produced; "
+            f"need a layer index other than 0 or {-len(layers) - 1}"
+        )
+    lyr = layers[pos - 1]
+    return lyr, lyr.layer_norm1(hidden_states[pos - 1]), pos
+
+
+def _num_heads(tower: nn.Module, attn: nn.Module) -> int:
+    return getattr(attn, "num_heads", None) or tower.config.num_attention_heads
+
+
 def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int = -1) -> torch.Tensor:
     """(V, N) [CLS] attention of one encoder layer, recomputed from the hidden state entering it.
 
@@ -240,27 +268,13 @@ def _cls_scores(tower: nn.Module, hidden_states: tuple, score: str, layer: int =
     Works whatever attention kernel the tower uses (eager, SDPA, flash): only the layer norm and
     the q/k projections of that layer are re-applied, for the [CLS] query alone.
     """
-    layers = _encoder_layers(tower)
-    pos = layer % (len(layers) + 1)  # index into hidden_states: hidden_states[i] is the output of layer i - 1
-    if pos == 0:
-        raise ValueError(
-            "vision_feature_layer 0 selects the embeddings, which no encoder layer's [CLS] attention produced; "
-            "methods scoring by the feature layer's attention (fastervlm) need a layer index other than 0 or "
-            f"{-len(layers) - 1}"
-        )
-    last, hidden = layers[pos - 1], hidden_states[pos - 1]
-    attn = last.self_attn
-    x = last.layer_norm1(hidden)  # (V, 1+N, D)
-    num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
-    head_dim = x.shape[-1] // num_heads
-    scale = getattr(attn, "scale", head_dim**-0.5)
-
-    def proj(lin: nn.Linear, t: torch.Tensor) -> torch.Tensor:
-        b = lin.bias.float() if lin.bias is not None else None
-        return F.linear(t.float(), lin.weight.float(), b)
-
-    q_cls = proj(attn.q_proj, x[:, 0]) * scale  # (V, D)
-    keys = proj(attn.k_proj, x)  # (V, 1+N, D)
+    what = "[CLS] attention (methods scoring by the feature layer's attention, e.g. fastervlm)"
+    lyr, x, _ = _scoring_layer(_encoder_layers(tower), hidden_states, layer, what)  # x: (V, 1+N, D)
+    attn = lyr.self_attn
+    num_heads = _num_heads(tower, attn)
+    scale = getattr(attn, "scale", (x.shape[-1] // num_heads) ** -0.5)
+    q_cls = _f32_linear(attn.q_proj, x[:, 0]) * scale  # (V, D)
+    keys = _f32_linear(attn.k_proj, x)  # (V, 1+N, D)
     return core.cls_attention(q_cls, keys, num_heads, score)
 
 
@@ -274,23 +288,11 @@ def layer_qk_tokens(
     head scale, k: (V, T, D) float32 keys of the layer (from ``layer_norm1`` of its input), tokens:
     (V, N, D) its output without the [CLS] token. Any attention kernel works.
     """
-    pos = layer % (len(layers) + 1)
-    if pos == 0:
-        raise ValueError(
-            "vision_feature_layer 0 selects the embeddings, which no encoder layer's attention produced; methods "
-            f"scoring by the feature layer's attention need a layer index other than 0 or {-len(layers) - 1}"
-        )
-    lyr = layers[pos - 1]
+    lyr, x, pos = _scoring_layer(layers, hidden_states, layer, "attention")  # x: (V, T, D)
     attn = lyr.self_attn
-    x = lyr.layer_norm1(hidden_states[pos - 1])  # (V, T, D)
     scale = getattr(attn, "scale", (x.shape[-1] // num_heads) ** -0.5)
-
-    def proj(lin: nn.Linear) -> torch.Tensor:
-        b = lin.bias.float() if lin.bias is not None else None
-        return F.linear(x.float(), lin.weight.float(), b)
-
     tokens = hidden_states[pos]
-    return proj(attn.q_proj) * scale, proj(attn.k_proj), tokens[:, 1:] if has_cls else tokens
+    return _f32_linear(attn.q_proj, x) * scale, _f32_linear(attn.k_proj, x), tokens[:, 1:] if has_cls else tokens
 
 
 def tower_scores(
@@ -299,13 +301,17 @@ def tower_scores(
     """(V, N) float32 rating of every patch token by ``scorer`` (a concrete ``scoring.SCORERS`` name).
 
     "cls" is the [CLS] row of ``layer``'s attention (``_cls_scores``); the others come from that layer's
-    recomputed queries/keys (``attention_received``) or its output tokens (``global_dissimilarity``).
+    recomputed queries/keys (``attention_received``) or its output tokens (``global_dissimilarity``,
+    which projects nothing).
     """
     if scorer == "cls":
         return _cls_scores(tower, hidden_states, score, layer)
     layers = _encoder_layers(tower)
-    attn = layers[0].self_attn
-    num_heads = getattr(attn, "num_heads", None) or tower.config.num_attention_heads
+    num_heads = _num_heads(tower, layers[0].self_attn)
+    if scorer == "global_dissimilarity":
+        _, _, pos = _scoring_layer(layers, hidden_states, layer, "attention")
+        tokens = hidden_states[pos]
+        return scoring.view_scores(scorer, None, None, tokens[:, 1:] if has_cls else tokens, num_heads, has_cls)
     q, k, tokens = layer_qk_tokens(layers, hidden_states, layer, num_heads, has_cls)
     return scoring.view_scores(scorer, q, k, tokens, num_heads, has_cls, score)
 
@@ -361,11 +367,8 @@ def _layer_keys(tower: nn.Module, hidden_states: tuple, layer: int = -1) -> torc
     layers = _encoder_layers(tower)
     pos = layer % len(layers)
     lyr = layers[pos]
-    x = lyr.layer_norm1(hidden_states[pos])  # (V, 1+N, D)
-    lin = lyr.self_attn.k_proj
-    bias = lin.bias.float() if lin.bias is not None else None
-    keys = F.linear(x.float(), lin.weight.float(), bias)  # (V, 1+N, D)
-    num_heads = getattr(lyr.self_attn, "num_heads", None) or tower.config.num_attention_heads
+    keys = _f32_linear(lyr.self_attn.k_proj, lyr.layer_norm1(hidden_states[pos]))  # (V, 1+N, D)
+    num_heads = _num_heads(tower, lyr.self_attn)
     v, t, d = keys.shape
     return keys.view(v, t, num_heads, d // num_heads).mean(dim=2)  # (V, 1+N, d_head)
 

@@ -58,8 +58,8 @@ from . import scoring
 from .common import check_class, flatten_views, pack, text_embeddings  # noqa: F401  (re-exported)
 from .llava_next import (
     ImageRecord,
-    _encoder_layers,
     _image_sizes_list,
+    check_encoder_tower,
     feature_layer,
     select_best_resolution,
     tower_scores,
@@ -126,14 +126,7 @@ def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a stock LLaVA-OneVision this adapter supports."""
     check_class(model, SUPPORTED_CLASSES)
     check_config(model.config)
-    layers = _encoder_layers(model.model.vision_tower)
-    last = layers[-1] if layers is not None and len(layers) else None
-    attn = getattr(last, "self_attn", None)
-    if last is None or not all(hasattr(m, n) for m, n in ((last, "layer_norm1"), (attn, "q_proj"), (attn, "k_proj"))):
-        raise TypeError(
-            "the vision tower must be a SigLIP/CLIP-style encoder (layers with layer_norm1 and "
-            f"self_attn.q_proj/k_proj); got {type(model.model.vision_tower).__name__}"
-        )
+    check_encoder_tower(model.model.vision_tower, "a SigLIP/CLIP-style encoder")
 
 
 def method_config(cfg: MethodConfig, config=None) -> MethodConfig:
