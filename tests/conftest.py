@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from globalcom2.tiny import demo_image, tiny_model, tiny_processor
+from globalcom2.methods import Requirements, VisionMethod
+from globalcom2.testing.tiny import demo_image, tiny_model, tiny_processor
 
 PROMPT = "USER: <image>\nwhat is this ? ASSISTANT:"
 
@@ -49,3 +52,74 @@ def lm_inputs(model):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe(VisionMethod):
+    """A vision-side config that only states requirements: runs the adapter's tower pass with any scorer/layer."""
+
+    name = "probe"
+    score_layer: int | None = -1
+    score: str = "logits"
+    scorer: str = "cls"
+
+    @property
+    def requires(self) -> Requirements:
+        return Requirements(score_layer=self.score_layer, score=self.score, scorer=self.scorer)
+
+
+def encode(model, pixel_values, image_sizes, return_hidden=False, **requires):
+    """LLaVA-NeXT's tower pass (``encode_views``) as (features, scores, sizes[, hidden states]) per image."""
+    from globalcom2.models import llava_next
+
+    enc = llava_next.encode_views(model, Probe(**requires), pixel_values, {"image_sizes": image_sizes})
+    out = (enc.features, enc.scores, enc.sizes)
+    return (*out, enc.hidden_states) if return_hidden else out
+
+
+# ---------------------------------------------------------------------------- every family
+
+
+def _family_cases():
+    """(family name, () -> (model, processor), images, prompt) for every supported family (tiny, offline)."""
+    from globalcom2.testing import (
+        tiny_internvl_model,
+        tiny_internvl_processor,
+        tiny_onevision_model,
+        tiny_onevision_processor,
+    )
+
+    return {
+        "llava_next": (lambda: (tiny_model(seed=0), tiny_processor()), PROMPT),
+        "llava_onevision": (lambda: (tiny_onevision_model(), tiny_onevision_processor()), PROMPT),
+        "internvl": (lambda: (tiny_internvl_model(), tiny_internvl_processor()), "<IMG_CONTEXT> what is this ?"),
+    }
+
+
+FAMILY_NAMES = tuple(_family_cases())
+
+
+@dataclasses.dataclass
+class Family:
+    """One family's tiny model, processor and a prompt, plus how to call the patched model on images."""
+
+    name: str
+    model: torch.nn.Module
+    processor: object
+    prompt: str
+
+    def inputs(self, images):
+        """Processor output for ``images`` (one prompt each) plus what the family's inputs lack."""
+        from globalcom2.models import adapter_for
+
+        out = dict(make_inputs(self.processor, images, [self.prompt] * len(images)))
+        out.update(adapter_for(self.model).processor_kwargs(self.processor, images))
+        return out
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request):
+    """Every supported family in turn (registry-parametrised, as timm's tests are)."""
+    build, prompt = _family_cases()[request.param]
+    model, processor = build()
+    return Family(request.param, model, processor, prompt)

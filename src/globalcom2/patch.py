@@ -15,6 +15,7 @@ from torch import nn
 
 from .methods import MethodConfig, make_config
 from .models import adapter_for, llm_pruning
+from .models.base import check_pixel_values
 
 _STATE = "_globalcom2_config"
 _ORIGINAL = "_globalcom2_original_class"
@@ -37,18 +38,12 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
     are that method's fields, e.g. ``retention_ratio=0.25``. Calling ``apply`` again reconfigures.
     Everything is validated before the model is touched, so a bad call leaves it as it was.
     """
-    if isinstance(method, str) or isinstance(method, MethodConfig):
-        cfg = make_config(method, **options)
-    else:
-        raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
+    cfg = config_from(method, options)
     adapter = adapter_for(model)
     adapter.check_model(model)
-    if hasattr(adapter, "method_config"):  # what the method runs as on this family; refuses what cannot run
-        cfg = adapter.method_config(cfg, model.config)
-    if hasattr(adapter, "check_method"):  # a family may refuse methods it cannot run
-        adapter.check_method(cfg)
+    cfg = adapter.resolve(cfg, model.config)  # what the method runs as on this family; refuses what cannot run
     if cfg.where == "llm":
-        llm_pruning.check_language_model(model.model.language_model)
+        llm_pruning.check_language_model(adapter.language_model(model))
     cfg.check_model(model)
     if not is_patched(model):
         original = type(model)
@@ -58,6 +53,16 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
         model.__class__ = patched
     setattr(model, _STATE, cfg)
     return model
+
+
+def config_from(method: Any, options: dict[str, Any]) -> MethodConfig:
+    """``make_config(method, **options)`` with a TypeError naming ``method`` for anything but a name or a config."""
+    if isinstance(method, (str, MethodConfig)):
+        return make_config(method, **options)
+    hint = ""
+    if isinstance(method, (int, float)) and not isinstance(method, bool):
+        hint = f"; did you mean retention_ratio={method!r}?"
+    raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}{hint}")
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -82,9 +87,12 @@ def _prepare(model, input_ids, pixel_values, attention_mask, labels, padding_sid
         )
     cfg = getattr(model, _STATE)
     adapter = adapter_for(model)
-    feats, counts, records = adapter.prepare_images(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
-    packed = adapter.pack(model, input_ids, attention_mask, feats, counts, labels=labels, padding_side=padding_side)
-    return packed, records
+    check_pixel_values(pixel_values)
+    batch = adapter.prepare_images(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
+    packed = adapter.pack(
+        model, input_ids, attention_mask, batch.features, batch.stock_counts, labels=labels, padding_side=padding_side
+    )
+    return packed, batch.records
 
 
 def _in_llm(model, packed):
@@ -92,14 +100,21 @@ def _in_llm(model, packed):
     cfg = getattr(model, _STATE)
     if cfg.where != "llm":
         return contextlib.nullcontext()
-    return llm_pruning.pruning(model, cfg, packed.image_spans)
+    return llm_pruning.pruning(model, cfg, packed.image_spans, adapter_for(model).language_model(model))
 
 
 def _check_call(model, kwargs: dict) -> None:
-    """The adapter's refusal of call options it cannot compress (e.g. OneVision's video inputs), if it has one."""
-    check = getattr(adapter_for(model), "check_call", None)
-    if check is not None:
-        check(model, kwargs)
+    """The adapter's refusal of call options it cannot compress (e.g. OneVision's video inputs)."""
+    adapter_for(model).check_call(model, kwargs)
+
+
+def _has_images(pixel_values) -> bool:
+    """Whether the call carries images (a non-empty ``pixel_values``); a list is refused by name later."""
+    if pixel_values is None:
+        return False
+    if isinstance(pixel_values, torch.Tensor):
+        return pixel_values.numel() > 0
+    return True
 
 
 def _padding_side(attention_mask: torch.Tensor | None) -> str:
@@ -114,7 +129,7 @@ def _wrap_forward(original: type):
     @functools.wraps(stock_forward)
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
         _check_call(self, kwargs)
-        if pixel_values is None or pixel_values.numel() == 0:
+        if not _has_images(pixel_values):
             return stock_forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("pass input_ids, not inputs_embeds, together with pixel_values")
@@ -128,7 +143,7 @@ def _wrap_forward(original: type):
             if labels is not None:
                 raise ValueError("labels are not supported with in-LLM methods (the sequence shrinks inside the model)")
             llm_pruning.check_call_options(self, kwargs)
-        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).VISION_KWARGS if k in kwargs}
+        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).vision_kwargs if k in kwargs}
         side = _padding_side(attention_mask)
         packed, _ = _prepare(self, input_ids, pixel_values, attention_mask, labels, side, vision_kwargs)
         with _in_llm(self, packed):
@@ -168,7 +183,7 @@ class _PatchedMixin:
         input_ids = kwargs.pop("input_ids", inputs)
         stock = super().generate
         _check_call(self, kwargs)
-        if pixel_values is None or pixel_values.numel() == 0:
+        if not _has_images(pixel_values):
             return stock(input_ids, *args, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError(
@@ -178,7 +193,7 @@ class _PatchedMixin:
         if getattr(self, _STATE).where == "llm":
             llm_pruning.check_call_options(self, kwargs)
         _translate_lengths(self, kwargs, input_ids.shape[1])
-        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).VISION_KWARGS if k in kwargs}
+        vision_kwargs = {k: kwargs.pop(k) for k in adapter_for(self).vision_kwargs if k in kwargs}
         with torch.no_grad():  # like stock generate: no autograd graph for the prompt
             packed, _ = _prepare(self, input_ids, pixel_values, attention_mask, None, "left", vision_kwargs)
         with _in_llm(self, packed):

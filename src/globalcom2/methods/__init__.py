@@ -8,10 +8,19 @@ from __future__ import annotations
 from typing import Any
 
 from .ablations import TABLE_I, TABLE_IV_V, RandomConfig
-from .base import ImageContext, MethodConfig, Selection, check_concrete
+from .base import (
+    ImageContext,
+    LLMMethod,
+    MethodConfig,
+    Requirements,
+    Selection,
+    ViewSelector,
+    VisionMethod,
+    check_concrete,
+)
 from .cdpruner import CDPrunerConfig
 from .composed import ComposedConfig
-from .dart import DARTConfig
+from .dart import DARTConfig, DARTEmbeddingConfig
 from .divprune import DivPruneConfig
 from .fastervlm import FasterVLMConfig
 from .fastv import FastVConfig
@@ -22,6 +31,10 @@ from .visionzip import VisionZipConfig
 __all__ = [
     "ImageContext",
     "MethodConfig",
+    "VisionMethod",
+    "LLMMethod",
+    "Requirements",
+    "ViewSelector",
     "Selection",
     "GlobalCom2Config",
     "FasterVLMConfig",
@@ -31,6 +44,7 @@ __all__ = [
     "DivPruneConfig",
     "CDPrunerConfig",
     "DARTConfig",
+    "DARTEmbeddingConfig",
     "ComposedConfig",
     "RandomConfig",
     "REGISTRY",
@@ -39,8 +53,8 @@ __all__ = [
 ]
 
 _ALL = (GlobalCom2Config, FasterVLMConfig, FastVConfig, SparseVLMConfig, *TABLE_I, *TABLE_IV_V, RandomConfig)
-_ALL += (VisionZipConfig, DivPruneConfig, DARTConfig, CDPrunerConfig)  # newer methods beside GlobalCom² (issue 12)
-_ALL += (ComposedConfig,)  # GlobalCom²'s crop budgets x any per-crop selector (issue 12)
+_ALL += (VisionZipConfig, DivPruneConfig, DARTConfig, CDPrunerConfig)  # the newer methods beside GlobalCom²
+_ALL += (ComposedConfig,)  # GlobalCom²'s crop budgets x any per-crop selector
 REGISTRY: dict[str, type[MethodConfig]] = {cls.name: cls for cls in _ALL}
 
 
@@ -50,28 +64,36 @@ def available_methods() -> dict[str, str]:
 
 
 def make_config(method: str | MethodConfig = "globalcom2", **options: Any) -> MethodConfig:
-    """Build a validated config from a method name and its options (or pass a config through)."""
+    """Build a validated config from a method name and its options (or pass a config through).
+
+    A method with several forms (DART's ``form="llm"`` / ``"embedding"``) gets the class of the form asked for.
+    """
     if isinstance(method, MethodConfig):
         check_concrete(type(method))
-        if options:
-            return type(method)(**{**_fields(method), **_checked(type(method), options)})
-        return method
-    if method not in REGISTRY:
+        if not options:
+            return method
+        cls = _form_class(type(method), {**method.options(), **options})
+        return cls(**{**method.options(), **_checked(cls, options)})
+    if not isinstance(method, str) or method not in REGISTRY:
         raise ValueError(f"method must be one of ({', '.join(map(repr, REGISTRY))}), got {method!r}")
-    cls = REGISTRY[method]
+    cls = _form_class(REGISTRY[method], options)
     return cls(**_checked(cls, options))
 
 
-def _fields(cfg: MethodConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in cfg.option_names()}
+def _form_class(cls: type[MethodConfig], options: dict[str, Any]) -> type[MethodConfig]:
+    """The class of the form ``options["form"]`` asks for (DART), else ``cls``; the class validates the value."""
+    form = options.get("form")
+    if cls.forms and isinstance(form, str) and form in cls.forms:
+        return cls.forms[form]
+    return cls
 
 
 def _checked(cls: type[MethodConfig], options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(cls.option_names()))
-    if unknown == ["budget"] and cls.where_of(options) == "llm":
+    if unknown == ["budget"] and cls.where == "llm":
         raise TypeError(
             f"method {cls.name!r} prunes inside the language model, where budget does not apply: every image "
-            "enters it with stock LLaVA-NeXT's token count; budget is an option of the vision-side methods"
+            "enters it with its stock token count; budget is an option of the vision-side methods"
         )
     if unknown:
         raise TypeError(

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_scorer
+from .base import ImageContext, MethodConfig, Requirements, Selection, VisionMethod
+from .checks import check_choice, check_scorer
 from .globalcom2 import BUDGETS, SCORES, GlobalCom2Config
 
 
@@ -117,7 +118,7 @@ VIEW_MODES = ("thumbnail_only", "crops_only", "drop_random_crop", "drop_importan
 
 
 @dataclass(frozen=True)
-class _ViewSubsetConfig(MethodConfig):
+class _ViewSubsetConfig(VisionMethod):
     """Table I input study: which views reach the LLM. Stock layout, views kept in full at R = 1.
 
     retention_ratio: share of each kept view's tokens (top ``int(N_v R)`` by [CLS] score); 1.0 = the paper.
@@ -149,8 +150,14 @@ class _ViewSubsetConfig(MethodConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
 
-    layout = "spatial"
-    thumbnail_order = "spatial"
+    @property
+    def requires(self) -> Requirements:
+        """The last layer's [CLS] row (``score``), stock layout (unpadded rows with newlines, transformers'
+        rounding), thumbnail in raster order."""
+        return Requirements(
+            score=self.score, scorer=self.scorer, layout="spatial",
+            thumbnail_order="spatial",
+        )  # fmt: skip
 
     def dropped_crop(self, ctx: ImageContext) -> int | None:
         """Index of the crop this variant removes, if any (importance = summed thumbnail score)."""
@@ -162,10 +169,15 @@ class _ViewSubsetConfig(MethodConfig):
             return int(importance.argmax() if self.mode == "drop_important_crop" else importance.argmin())
         return None
 
-    @property
-    def content_independent(self) -> bool:
-        """Whether the number of kept tokens depends on the image size only (not on its pixels)."""
-        return self.budget == "exact" or self.mode not in ("drop_important_crop", "drop_unimportant_crop")
+    def content_dependence(self) -> str | None:
+        """Why the count depends on the pixels: the dropped crop is chosen by the thumbnail's attention."""
+        if self.budget == "exact" or self.mode not in ("drop_important_crop", "drop_unimportant_crop"):
+            return None
+        return (
+            f"method {self.name!r} drops a crop chosen by the thumbnail's attention, so with budget='authors' "
+            "its token count depends on the image's content; pass budget='exact' for a count that depends on "
+            "the image size only"
+        )
 
     def budgets(self, ctx: ImageContext, drop: int | None) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) long crop tokens) when crop ``drop`` (or none) is removed."""
@@ -182,17 +194,9 @@ class _ViewSubsetConfig(MethodConfig):
             return k0, core.allocate_exact(caps.double(), caps, total)
         return k0, core.count_kept(caps, r)
 
-    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
-        """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count.
-
-        Reads only the geometry, never the scores; ValueError when the count depends on the content.
-        """
-        if not self.content_independent:
-            raise ValueError(
-                f"method {self.name!r} drops a crop chosen by the thumbnail's attention, so with budget='authors' "
-                "its token count depends on the image's content; pass budget='exact' for a count that depends on "
-                "the image size only"
-            )
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count
+        (the geometry only, never the scores)."""
         if self.mode == "drop_random_crop":
             return self.budgets(ctx, self.dropped_crop(ctx))
         return self.budgets(ctx, 0 if self.mode in ("drop_important_crop", "drop_unimportant_crop") else None)

@@ -1,223 +1,100 @@
-"""What every method shares: the per-image context it reads, the selection it returns, validation."""
+"""What every method shares: the declared interfaces, the requirements record, validation helpers.
+
+Two kinds of method, two base classes (a new method subclasses one and is registered in
+``methods/__init__.py``):
+
+* ``VisionMethod``: prunes before the language model. It declares what it needs from the model
+  (``requires``: score layer, score kind, scorer, unpadding, layout, optional inputs), picks the
+  tokens of one image (``select``), lays them out (``order``), and states its token count for an
+  image size when that count does not depend on the pixels (``token_count``).
+* ``LLMMethod``: prunes inside the language model (``prune_layers``, ``stage_tokens``, ``prune``),
+  driven by ``models.llm_pruning``.
+
+The per-image context and the selection are pure records in ``core.context``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from .. import core
+from ..core.context import ImageContext, PruneContext, Selection, Stage
+from .checks import check_choice, check_number, check_scorer, is_real
+from .sequence import selection_from_order, stock_length, stock_order, stock_sequence
+
+__all__ = [
+    "ImageContext",
+    "PruneContext",
+    "Selection",
+    "Stage",
+    "Requirements",
+    "MethodConfig",
+    "VisionMethod",
+    "LLMMethod",
+    "ViewSelector",
+    "TRANSFORMERS_UNPAD_DIGITS",
+    "check_choice",
+    "check_concrete",
+    "check_number",
+    "check_pruning_layer",
+    "check_scorer",
+    "is_real",
+    "selection_from_order",
+    "stock_length",
+    "stock_order",
+    "stock_sequence",
+]
+
+#: transformers' ``unpad_image`` rounds the scaled size to 7 digits before truncating (the authors truncate)
+TRANSFORMERS_UNPAD_DIGITS = 7
+#: what ``Requirements.needs`` may list: optional ``ImageContext`` inputs the adapter fills on request
+NEEDS = frozenset({"features", "hidden", "keys", "text"})
 
 
-@dataclass
-class ImageContext:
-    """Everything a vision-side method may look at for one image.
+@dataclass(frozen=True)
+class Requirements:
+    """What a vision-side method needs from the model adapter, declared once per config.
 
-    scores: (1 + n, N) float32 [CLS] importance of every token of every view; row 0 is the thumbnail.
-    side:   S, tokens per side of one view (N = S * S).
-    grid:   (nph, npw) crops per column / per row.
-    valid:  (n, N) bool, crop tokens that survive LLaVA-NeXT's unpadding.
-    box:    (top, bottom, left, right) grid-space bounds of ``valid``, or None; it tells the rows of an
-            image so thin that no column survives, which still get stock's newlines.
-    image_index: position of the image in the batch (seeds the random baseline).
-
-    Optional inputs, filled by the adapter only when the method lists them in ``needs`` (so a
-    method that ranks by [CLS] scores alone pays nothing for them):
-
-    features: (1 + n, N, D_llm) projected visual features of every view (``"features"``).
-    newline:  (D_llm,) the model's image-newline embedding (given with ``"features"``).
-    hidden:   (1 + n, 1 + N, D_vis) vision hidden states of the feature layer, [CLS] first; the
-              projector of the model turns rows of it into LLM tokens (``"hidden"``).
-    keys:     (1 + n, 1 + N, d_head) keys of the score layer averaged over heads, [CLS] first (``"keys"``).
-    text:     (M, D_llm) the language model's input embeddings of the prompt's text tokens, M >= 0 (``"text"``).
-
-    Set by adapters whose family differs from LLaVA-NeXT (None keeps LLaVA-NeXT's rules):
-
-    region_weights: (n, N) float64 area of each thumbnail token over each crop's region
-              (``core.crop_region_weights``), for grids that do not divide the thumbnail's side.
-    stock_order: (T,) long, the family's stock visual sequence as indices into ``concat(views.flatten(0, 1))``
-              (``stock_sequence`` then ignores LLaVA-NeXT's layout and newline).
+    score_layer: hidden-state index whose producing layer's attention rates the tokens, like
+        ``vision_feature_layer`` (-1: the last layer's output; None: the model's feature layer).
+    score: "logits" (head-averaged pre-softmax [CLS] row) or "softmax" (probabilities).
+    scorer: "auto", "cls", "attention_received" or "global_dissimilarity" (``core.scoring``).
+    unpad: whether crop tokens in the processor's letterbox padding are removed before selection.
+    unpad_rounding: 7 (default) rounds to 7 digits first like transformers' ``unpad_image``; None truncates like
+        the GlobalCom² authors' code.
+    layout: crop layout of the emitted sequence (``core.assemble_order``): "authors", "spatial", "flat".
+    thumbnail_order: "score" (kept thumbnail tokens best first) or "spatial" (raster order).
+    needs: optional ``ImageContext`` inputs: "features", "hidden", "keys", "text".
     """
 
-    scores: torch.Tensor
-    side: int
-    grid: tuple[int, int]
-    valid: torch.Tensor
-    box: tuple[int, int, int, int] | None = None
-    image_index: int = 0
-    features: torch.Tensor | None = None
-    newline: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    text: torch.Tensor | None = None
-    region_weights: torch.Tensor | None = None
-    stock_order: torch.Tensor | None = None
-
-    @property
-    def thumbnail(self) -> torch.Tensor:
-        """(N,) thumbnail scores."""
-        return self.scores[0]
-
-    @property
-    def crops(self) -> torch.Tensor:
-        """(n, N) crop scores."""
-        return self.scores[1:]
-
-
-@dataclass
-class Selection:
-    """What a vision-side method keeps of one image.
-
-    thumb_keep:  (k0,) long, thumbnail token indices in the order they are emitted.
-    crop_keep:   (n, N) bool, kept crop tokens at their true positions.
-    crop_ratios: (n,) float64, retention ratio each crop was given.
-    extra:       optional (M, D_vis) vision-space tokens (merged or [CLS] tokens) that the adapter
-                 projects and appends to the source; ``order`` addresses row m as ``(1 + n) * N + 1 + m``.
-    order:       optional (T,) long, the emission order when the method decides it itself (see ``order``).
-    """
-
-    thumb_keep: torch.Tensor
-    crop_keep: torch.Tensor
-    crop_ratios: torch.Tensor
-    extra: torch.Tensor | None = None
-    order: torch.Tensor | None = None
-
-
-@dataclass
-class Stage:
-    """What a method decided at one pruning layer, row by row (lengths may differ per row)."""
-
-    hidden: list[torch.Tensor]  # per row (L_b, D) new hidden states
-    positions: list[torch.Tensor]  # per row (L_b,) rotary positions
-    visual: list[torch.Tensor]  # per row (L_b,) bool, which entries are (still) visual tokens
-
-
-@dataclass
-class PruneContext:
-    """What a method sees at a pruning layer.
-
-    hidden: (B, L, D) input of layer ``layer_idx`` on the current sequence;
-    key_mask: (B, L) bool real (non-padding) tokens; positions: (B, L) rotary positions;
-    visual: (B, L) bool visual tokens;
-    probs: callable(query positions (B, Q)) -> (B, H, Q, L) attention of layer ``layer_idx - 1``;
-    n_visual_full: (B,) visual tokens of each row before any pruning;
-    prompt: the language model's input at prefill, (embeds (B, L0, D), key mask (B, L0), visual (B, L0),
-        positions (B, L0)), before any pruning;
-    num_layers: decoder layers of the language model;
-    keys: callable() -> (B, Hkv, L, hd) float32 rotary-embedded keys of layer ``layer_idx - 1`` on the current
-        sequence (its own ``k_proj`` output, captured as it ran), or None;
-    norm: the language model's final norm (applied to ``hidden`` by methods that compare normed states), or None.
-    """
-
-    layer_idx: int
-    stage: int
-    hidden: torch.Tensor
-    key_mask: torch.Tensor
-    positions: torch.Tensor
-    visual: torch.Tensor
-    probs: Callable[[torch.Tensor], torch.Tensor]
-    n_visual_full: torch.Tensor
-    prompt: tuple | None = None
-    num_layers: int = 0
-    keys: Callable[[], torch.Tensor] | None = None
-    norm: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def stock_sequence(ctx: ImageContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stock LLaVA-NeXT's visual sequence of one image, for methods that select over it.
-
-    returns: (order (T,) long indices into ``concat(views.flatten(0, 1), newline)`` in stock order,
-        source (V N + 1, D) the detached projected features with the newline last).
-    """
-    if ctx.features is None or ctx.newline is None:
-        raise ValueError(f"{method} needs the projected features (ImageContext.features/newline)")
-    feats = ctx.features.detach()  # (V, N, D)
-    dev, n_tok = feats.device, ctx.scores.shape[1]
-    valid = ctx.valid.to(dev)
-    with torch.no_grad():
-        thumb = torch.arange(n_tok, device=dev)
-        if ctx.stock_order is not None:  # the family's own stock sequence (e.g. InternVL: no newlines)
-            order = ctx.stock_order.to(dev)  # (T,)
-        else:
-            order = core.assemble_order(thumb, valid, valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
-        source = torch.cat([feats.flatten(0, 1), ctx.newline.detach()[None].to(feats.dtype)])  # (V N + 1, D)
-    return order, source
-
-
-def selection_from_order(order: torch.Tensor, ctx: ImageContext) -> Selection:
-    """The ``Selection`` of a method that decides its emission ``order`` (T,) itself."""
-    v, n_tok = ctx.scores.shape
-    kept = torch.zeros(v * n_tok, dtype=torch.bool, device=order.device)
-    kept[order[order < v * n_tok]] = True
-    kept = kept.view(v, n_tok)  # (V, N)
-    ratios = (kept[1:].sum(1).double() / ctx.valid.to(kept.device).sum(1).clamp(min=1).double()).cpu()
-    return Selection(order[order < n_tok], kept[1:], ratios, order=order)
-
-
-def _fmt(values) -> str:
-    return ", ".join(repr(v) for v in values)
-
-
-def check_scorer(value: Any) -> None:
-    """Raise ValueError naming ``scorer`` unless ``value`` is one of ``models.scoring.SCORER_CHOICES``."""
-    from ..models.scoring import SCORER_CHOICES  # lazy: models imports methods
-
-    check_choice("scorer", value, SCORER_CHOICES)
-
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of ({_fmt(allowed)}), got {value!r}")
-
-
-def is_real(value: Any) -> bool:
-    """Whether ``value`` is a real number: any ``numbers.Real`` (int, float, NumPy scalars such as
-    ``np.float32``, ``Fraction``) or a 0-d real-valued tensor/array, but not a bool."""
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and (
-            value.dtype.is_floating_point or not (value.dtype.is_complex or value.dtype == torch.bool)
-        )
-    if isinstance(value, np.ndarray):
-        return value.ndim == 0 and value.dtype.kind in "iuf"
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def check_number(
-    name: str, value: Any, low: float, high: float, low_open: bool = True, high_open: bool = False
-) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a finite real number in the interval."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    interval = f"{lo}{low}, {high}{hi}"
-    if not is_real(value):
-        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v)
-    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    score_layer: int | None = -1
+    score: str = "logits"
+    scorer: str = "auto"
+    unpad: bool = True
+    unpad_rounding: int | None = TRANSFORMERS_UNPAD_DIGITS
+    layout: str = "authors"
+    thumbnail_order: str = "score"
+    needs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's frozen config. Subclasses add fields and implement ``select``.
+    """Base of every method's frozen config (abstract: subclass ``VisionMethod`` or ``LLMMethod``).
 
     retention_ratio: R in (0, 1], share of visual tokens kept.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: "vision" prunes before the language model, "llm" inside it.
-    where: ClassVar[str] = "vision"
-    #: optional ``ImageContext`` inputs the method reads: "features", "hidden", "keys", "text".
-    needs: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
+    #: "vision" prunes before the language model, "llm" inside it (fixed per class)
+    where: ClassVar[str] = ""
+    #: configs of the other forms of this method by the value of its ``form`` option (DART), else empty
+    forms: ClassVar[dict[str, type[MethodConfig]]] = {}
 
     retention_ratio: float = 0.25
 
@@ -226,65 +103,147 @@ class MethodConfig:
         object.__setattr__(self, "retention_ratio", float(self.retention_ratio))
 
     @classmethod
-    def where_of(cls, options: dict[str, Any]) -> str:
-        """Where a config built with these options prunes ("vision" or "llm"); a method whose option picks
-        its form (DART's ``form``) overrides this, and its instances' ``where`` follows it."""
-        return cls.where
-
-    @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Names of the options this method accepts."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    def options(self) -> dict[str, Any]:
+        """This config's options as a dict (``make_config(self.name, **cfg.options())`` rebuilds it)."""
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def check_model(self, model) -> None:
+        """Method-specific checks against the model, run by ``apply`` before patching."""
+
+    @property
+    def requires(self) -> Requirements:
+        """What the method needs from the model adapter (``Requirements``)."""
+        return Requirements()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Shorthand for ``requires.needs``."""
+        return self.requires.needs
+
+
+@dataclass(frozen=True)
+class VisionMethod(MethodConfig):
+    """A method that picks each image's visual tokens before the language model runs."""
+
+    where: ClassVar[str] = "vision"
 
     def select(self, ctx: ImageContext) -> Selection:  # pragma: no cover - abstract
         """Choose the tokens of one image."""
         raise NotImplementedError
 
-    def check_model(self, model) -> None:
-        """Method-specific checks against the model, run by ``apply`` before patching."""
-
     def order(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
-        """Indices into ``concat(views.flatten(0, 1), newline, projected extra)`` of the tokens the LLM receives."""
+        """(T,) indices into ``concat(views.flatten(0, 1), newline, projected extra)`` of the tokens the LLM
+        receives. Families without newline tokens (``ctx.newlines`` False) never get the newline index."""
         if sel.order is not None:
-            return sel.order
-        thumb = sel.thumb_keep
-        if getattr(self, "thumbnail_order", "score") == "spatial":
-            thumb = thumb.sort().values
-        return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name, ctx.box)
+            order = sel.order
+        else:
+            req = self.requires
+            thumb = sel.thumb_keep.sort().values if req.thumbnail_order == "spatial" else sel.thumb_keep
+            order = core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, req.layout, ctx.box)
+        if not ctx.newlines:
+            order = order[order != ctx.scores.numel()]
+        return order
 
-    @property
-    def score_source(self) -> tuple[int | None, str]:
-        """(vision layer, "logits" | "softmax") of the [CLS] attention this method ranks by.
+    def content_dependence(self) -> str | None:
+        """Why this config's token count depends on the image's pixels (with the option that fixes it), or None."""
+        return None
 
-        Layer None means the model's ``vision_feature_layer``; -1 is the last encoder layer.
-        """
-        return -1, getattr(self, "score", "logits")
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor] | None:
+        """(thumbnail tokens, (n,) long crop tokens) every image of ``ctx``'s geometry keeps, for methods whose
+        emission is ``order`` of a thumbnail/crop split; None for methods that count otherwise."""
+        return None
 
-    @property
-    def unpad(self) -> bool:
-        """Whether crop tokens in the processor's letterbox padding are removed before selection."""
-        return True
+    def token_count(self, ctx: ImageContext) -> int | None:
+        """Visual tokens the LLM receives for any image of ``ctx``'s geometry (read from the geometry only,
+        never the scores), or None when the count depends on the pixels (``content_dependence`` says why)."""
+        if self.content_dependence() is not None:
+            return None
+        budget = self.size_budget(ctx)
+        if budget is None:  # pragma: no cover - a method must count one way or the other
+            raise NotImplementedError(f"{type(self).__name__} declares neither size_budget nor token_count")
+        return int(self.order(core.canonical_selection(ctx, *budget), ctx).numel())
 
-    @property
-    def layout_name(self) -> str:
-        """Crop layout used to assemble the LLM input (see ``core.assemble_order``)."""
-        return getattr(self, "layout", "authors")
 
-    @property
-    def unpad_rounding(self) -> int | None:
-        """Unpadding rule: the authors truncate (``int``), stock transformers rounds to 7 digits first."""
-        return None if self.layout_name == "authors" else 7
+@dataclass(frozen=True)
+class LLMMethod(MethodConfig):
+    """A method that shortens the sequence inside the language model (``models.llm_pruning`` drives it)."""
+
+    where: ClassVar[str] = "llm"
+
+    def prune_layers(self, num_layers: int) -> tuple[int, ...]:  # pragma: no cover - abstract
+        """Decoder layers whose input is shortened."""
+        raise NotImplementedError
+
+    def stage_tokens(self, n_visual: int, num_layers: int) -> tuple[int, ...]:  # pragma: no cover - abstract
+        """Visual tokens from each pruning layer on, for a row entering with ``n_visual`` of them."""
+        raise NotImplementedError
+
+    def prune(self, ctx: PruneContext) -> Stage:  # pragma: no cover - abstract
+        """What each row keeps at one pruning layer."""
+        raise NotImplementedError
+
+
+def check_pruning_layer(k: int, model) -> None:
+    """ValueError naming ``k`` unless decoder layer K (pruned using layer K-1) exists in ``model``'s language model."""
+    n = model.config.text_config.num_hidden_layers
+    if k >= n:
+        raise ValueError(f"k must be in [1, {n - 1}] for a language model with {n} layers, got {k}")
 
 
 def check_concrete(cls: type[MethodConfig]) -> None:
     """Raise TypeError unless ``cls`` is a method that can run: it implements its side of the pipeline."""
-    if cls.where == "llm":
-        ok = callable(getattr(cls, "prune", None)) and callable(getattr(cls, "prune_layers", None))
+    if issubclass(cls, LLMMethod):
+        ok = cls.prune is not LLMMethod.prune and cls.prune_layers is not LLMMethod.prune_layers
+        what = "prune and prune_layers"
     else:
-        ok = cls.select is not MethodConfig.select
+        ok = issubclass(cls, VisionMethod) and cls.select is not VisionMethod.select
+        what = "select"
     if not ok:
-        what = "prune and prune_layers" if cls.where == "llm" else "select"
         raise TypeError(
             f"method must be a registered name or a concrete method config such as GlobalCom2Config(...); "
             f"{cls.__name__} does not implement {what} (MethodConfig is the abstract base)"
         )
+
+
+class ViewSelector:
+    """One method's rule for filling a given count inside one view; ``composed`` runs it view by view.
+
+    A selector belongs to a standalone method (``method``): its own options are fields of that config,
+    with that config's defaults and validation, so the composition never copies them. ``pick`` returns
+    the chosen candidate positions of one view (in the selector's order) and optional vision-space tokens
+    of its own (VisionZip's merged ones) for the adapter to project.
+    """
+
+    name: ClassVar[str] = ""
+    #: the standalone config whose fields and defaults the selector's options are
+    method: ClassVar[type[VisionMethod]]
+    #: the selector's own options (fields of ``method``)
+    options: ClassVar[tuple[str, ...]] = ()
+    #: optional ``ImageContext`` inputs the selector reads
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The selector's options with the standalone method's defaults."""
+        fields = {f.name: f.default for f in dataclasses.fields(cls.method)}
+        return {name: fields[name] for name in cls.options}
+
+    def prepare(self, ctx: ImageContext, options: dict[str, Any]) -> dict[str, Any]:
+        """Per-image state shared by the views (e.g. CDPruner's relevance, normalised over the image)."""
+        return {}
+
+    def projected(self, ctx: ImageContext) -> torch.Tensor:
+        """(V, N, D) the image's detached projected features; ValueError naming the selector without them."""
+        if ctx.features is None:
+            raise ValueError(f"selector {self.name!r} needs the projected features (ImageContext.features)")
+        return ctx.features.detach()
+
+    def pick(
+        self, ctx: ImageContext, state: dict[str, Any], view: int, pos: torch.Tensor, k: int, options: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        """(chosen (k',) long positions of ``view`` among candidates ``pos`` (M,), optional (C, D_vis) tokens)."""
+        raise NotImplementedError

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageContext, MethodConfig, Selection, check_choice
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .checks import check_choice
 
 POOLINGS = ("mean", "tokens")
 
@@ -98,7 +99,7 @@ def dpp_greedy(
 
 
 @dataclass(frozen=True)
-class CDPrunerConfig(MethodConfig):
+class CDPrunerConfig(VisionMethod):
     """CDPruner options.
 
     retention_ratio: R in (0, 1]; every view keeps ``T = max(1, round(N R))`` tokens before unpadding.
@@ -113,7 +114,6 @@ class CDPrunerConfig(MethodConfig):
     name = "cdpruner"
     description = "CDPruner: per view, conditional DPP (diversity x instruction relevance), greedy MAP"
     paper = "CDPruner (Zhang et al., 2025)"
-    needs = frozenset({"features", "text"})
 
     text_pooling: str = "mean"
     negate: bool = True
@@ -127,19 +127,13 @@ class CDPrunerConfig(MethodConfig):
             raise TypeError(f"negate must be True or False, got {self.negate!r}")
 
     @property
-    def layout_name(self) -> str:
-        """Stock layout: unpadded rows, one newline each."""
-        return "spatial"
-
-    @property
-    def unpad_rounding(self) -> int | None:
-        """Their ``unpad_image`` truncates (``int``)."""
-        return None
-
-    @property
-    def thumbnail_order(self) -> str:
-        """Kept thumbnail tokens in raster order."""
-        return "spatial"
+    def requires(self) -> Requirements:
+        """Stock layout (unpadded rows, one newline each; their ``unpad_image`` truncates), thumbnail in raster
+        order, the projected features and the prompt's text embeddings."""
+        return Requirements(
+            unpad=True, unpad_rounding=None, layout="spatial", thumbnail_order="spatial",
+            needs=frozenset({"features", "text"}),
+        )  # fmt: skip
 
     def kernel(self, ctx: ImageContext) -> torch.Tensor:
         """(V, N, N) float32 conditional DPP kernel ``r_i cos(x_i, x_j) r_j`` of every view."""
@@ -158,19 +152,20 @@ class CDPrunerConfig(MethodConfig):
         t = torch.round(n_valid.double() * self.retention_ratio).long().clamp(min=1)
         return torch.minimum(t, n_valid)
 
-    def fixed_count(self, ctx: ImageContext) -> int:
-        """Visual tokens of any image of this geometry (``budget="exact"`` only), stock newlines included."""
-        if self.budget != "exact":
-            raise ValueError(
-                "with budget='authors', method 'cdpruner' drops the picks that land in a crop's letterbox padding, "
-                "so its token count depends on the image's content; pass budget='exact' for a count that depends "
-                "on the image size only"
-            )
+    def content_dependence(self) -> str | None:
+        """Why the count depends on the pixels (``budget="authors"``: picks in the padding are dropped)."""
+        if self.budget == "exact":
+            return None
+        return (
+            "with budget='authors', method 'cdpruner' drops the picks that land in a crop's letterbox padding, "
+            "so its token count depends on the image's content; pass budget='exact' for a count that depends "
+            "on the image size only"
+        )
+
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens) under ``budget="exact"`` (``view_counts``)."""
         t = self.view_counts(ctx)
-        rank = ctx.valid.long().cumsum(1)  # (n, N) 1-based rank among the unpadded tokens
-        crop_keep = ctx.valid & (rank <= t[1:, None].to(rank.device))
-        sel = Selection(torch.arange(int(t[0])), crop_keep, torch.zeros(crop_keep.shape[0], dtype=torch.float64))
-        return int(self.order(sel, ctx).numel())
+        return int(t[0]), t[1:]
 
     def select(self, ctx: ImageContext) -> Selection:
         """T tokens per view by the conditional DPP; crop tokens in the padding are then dropped."""
@@ -196,3 +191,28 @@ class CDPrunerConfig(MethodConfig):
             thumb = chosen[0]
         ratios = (crop_keep.sum(1).double() / ctx.valid.sum(1).clamp(min=1).double().to(keep.device)).cpu()
         return Selection(thumb, crop_keep, ratios)
+
+
+class CDPrunerSelector(ViewSelector):
+    """CDPruner inside one view: greedy MAP of the conditional DPP over the view's candidates."""
+
+    name = "cdpruner"
+    method = CDPrunerConfig
+    options = ("text_pooling", "negate")
+    needs = frozenset({"features", "text"})
+
+    def prepare(self, ctx: ImageContext, options: dict) -> dict:
+        """The features and their relevance to the prompt, min-max normalised over the image's views."""
+        feats = self.projected(ctx)  # (V, N, D)
+        return {
+            "features": feats,
+            "relevance": instruction_relevance(feats, ctx.text, options["text_pooling"], options["negate"]),
+        }  # (V, N)
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """k candidates, ascending."""
+        x = state["features"][view, pos].float()  # (M, D)
+        x = x / x.norm(dim=-1, keepdim=True)
+        rel = state["relevance"][view, pos]  # (M,)
+        kernel = rel[:, None] * (x @ x.t()) * rel[None, :]  # (M, M)
+        return pos[dpp_greedy(kernel[None], k)[0]], None

@@ -55,79 +55,34 @@ from typing import Any
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice
-from .cdpruner import CDPrunerConfig, dpp_greedy, instruction_relevance
-from .dart import DARTConfig
-from .divprune import max_min_diverse
-from .globalcom2 import BUDGETS, LAYOUTS, SCORES, THUMBNAIL_ORDERS, GlobalCom2Config
-from .visionzip import VisionZipConfig, merge_contextual, visionzip_split
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .cdpruner import CDPrunerSelector
+from .checks import check_choice
+from .dart import DARTSelector, dart_keep_exact, pivot_quota  # noqa: F401  (re-exported)
+from .divprune import DivPruneSelector
+from .fastervlm import FasterVLMSelector
+from .globalcom2 import BUDGETS, LAYOUTS, SCORES, THUMBNAIL_ORDERS, GlobalCom2Config, GlobalCom2Selector
+from .visionzip import VisionZipSelector
 
 ALLOCATIONS = ("globalcom2", "uniform")
-SELECTORS = ("globalcom2", "fastervlm", "cdpruner", "divprune", "dart", "visionzip")
 THUMBNAILS = ("selector", "globalcom2")
-
-#: each selector's own options and their defaults (None in the config means "the selector's default")
-SELECTOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "globalcom2": {"alpha": 0.5, "importance": "global_local"},
-    "fastervlm": {},
-    "cdpruner": {"text_pooling": "mean", "negate": True},
-    "divprune": {},
-    "dart": {"pivot_image_tokens": 4, "pivot_text_tokens": 4},
-    "visionzip": {"contextual_share": 10 / 64},
-}
-#: optional ``ImageContext`` inputs each selector reads
-SELECTOR_NEEDS: dict[str, frozenset[str]] = {
-    "globalcom2": frozenset(),
-    "fastervlm": frozenset(),
-    "cdpruner": frozenset({"features", "text"}),
-    "divprune": frozenset({"features"}),
-    "dart": frozenset({"features", "text"}),
-    "visionzip": frozenset({"hidden", "keys"}),
-}
-
-
-def pivot_quota(extra: int, n_pivots: int) -> torch.Tensor:
-    """(P,) long: ``extra`` tokens split over P pivots as evenly as possible, the first ones taking one more."""
-    if n_pivots == 0:
-        return torch.zeros(0, dtype=torch.long)
-    p = torch.arange(n_pivots)
-    return extra // n_pivots + (p < extra % n_pivots).long()
-
-
-def dart_keep_exact(
-    tokens: torch.Tensor, text: torch.Tensor | None, k: int, n_image_pivots: int, n_text_pivots: int
-) -> torch.Tensor:
-    """(k,) long ascending rows of tokens: (M, D) kept by DART's pivots with exactly k tokens in all.
-
-    Image pivots: the ``min(n_image_pivots, k)`` rows of largest L1 norm (kept); text pivots: the
-    ``n_text_pivots`` rows of ``text`` (M_t, D) of largest L1 norm. Each pivot in turn takes its quota
-    (``pivot_quota``) of the free rows least cosine-similar to it. One vectorised step per pivot.
-    """
-    m = tokens.shape[0]
-    k = max(0, min(int(k), m))
-    x = tokens.float()
-    p_img = min(n_image_pivots, k)
-    img_piv = x.abs().sum(-1).topk(p_img).indices  # (P_img,)
-    txt = None if text is None or text.shape[0] == 0 else text.float().to(x.device)
-    p_txt = 0 if txt is None else min(n_text_pivots, txt.shape[0])
-    pivots = x[img_piv]
-    if p_txt:
-        pivots = torch.cat([pivots, txt[txt.abs().sum(-1).topk(p_txt).indices]])  # (P, D)
-    kept = torch.zeros(m, dtype=torch.bool, device=x.device)
-    kept[img_piv] = True
-    quota = pivot_quota(k - p_img, pivots.shape[0]).tolist()
-    if k > p_img:
-        normed = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (M, D)
-        pnormed = pivots / pivots.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (P, D)
-        dissim = -(pnormed @ normed.t())  # (P, M), higher = less duplicated
-        for p, q in enumerate(quota):  # pivots in turn, never tokens
-            score = dissim[p].masked_fill(kept, -float("inf"))  # (M,)
-            kept[torch.sort(score, descending=True, stable=True).indices[:q]] = True
-    return kept.nonzero().squeeze(1)
+#: the per-view selectors, by name: each is its standalone method's rule (``ViewSelector``)
+SELECTOR_CLASSES: dict[str, type[ViewSelector]] = {
+    s.name: s
+    for s in (
+        GlobalCom2Selector, FasterVLMSelector, CDPrunerSelector, DivPruneSelector, DARTSelector, VisionZipSelector,
+    )
+}  # fmt: skip
+SELECTORS = tuple(SELECTOR_CLASSES)
+#: option name -> the selectors that own it
+_OWNERS: dict[str, list[str]] = {}
+for _sel in SELECTOR_CLASSES.values():
+    for _opt in _sel.options:
+        _OWNERS.setdefault(_opt, []).append(_sel.name)
 
 
 @dataclass(frozen=True)
-class ComposedConfig(MethodConfig):
+class ComposedConfig(VisionMethod):
     """Options of ``composed`` (crop budgets by ``allocation``, tokens inside each crop by ``selector``).
 
     retention_ratio: R in (0, 1]; counts exactly as GlobalCom²'s with the same options.
@@ -143,7 +98,7 @@ class ComposedConfig(MethodConfig):
 
     name = "composed"
     description = "GlobalCom²'s thumbnail-guided crop budgets (allocation=) with any per-crop selector (selector=)"
-    paper = "GlobalCom² allocation x newer selectors (issue 12)"
+    paper = "GlobalCom²'s allocation x the newer methods' selectors (this library)"
 
     allocation: str = "globalcom2"
     selector: str = "globalcom2"
@@ -170,7 +125,7 @@ class ComposedConfig(MethodConfig):
         check_choice("thumbnail_order", self.thumbnail_order, THUMBNAIL_ORDERS)
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("budget", self.budget, BUDGETS)
-        own = SELECTOR_OPTIONS[self.selector]
+        own = SELECTOR_CLASSES[self.selector].options
         for option, owners in _OWNERS.items():
             if getattr(self, option) is not None and option not in own:
                 takes = ", ".join(own) or "none"
@@ -178,175 +133,95 @@ class ComposedConfig(MethodConfig):
                     f"option {option} belongs to selector {' / '.join(map(repr, owners))}, not to "
                     f"selector={self.selector!r} (its options: {takes})"
                 )
-        _ = self.allocator  # validates temperature, alpha, importance with GlobalCom²'s messages
-        self._selector_config()  # validates the selector's own options with its own messages
+        _ = self.allocator  # validates temperature with GlobalCom²'s messages
+        sel = SELECTOR_CLASSES[self.selector]
+        sel.method(retention_ratio=self.retention_ratio, **self.selector_options)  # the selector's own messages
 
     # -- the two halves --------------------------------------------------------------------------
 
+    @property
+    def selector_options(self) -> dict[str, Any]:
+        """The selector's own options, its standalone method's defaults where not given."""
+        given = {name: getattr(self, name) for name in SELECTOR_CLASSES[self.selector].options}
+        defaults = SELECTOR_CLASSES[self.selector].defaults()
+        return {name: defaults[name] if value is None else value for name, value in given.items()}
+
     def option(self, name: str) -> Any:
         """The selector option ``name`` (the selector's default when not given)."""
-        value = getattr(self, name)
-        return SELECTOR_OPTIONS[self.selector][name] if value is None else value
+        return self.selector_options[name]
 
     @property
     def allocator(self) -> GlobalCom2Config:
-        """The GlobalCom² config whose budgets (and, for selector="globalcom2", crop importance) this runs."""
-        own = SELECTOR_OPTIONS["globalcom2"]
+        """The GlobalCom² config whose budgets this runs (its crop ratios, counts and layout)."""
         return GlobalCom2Config(
             retention_ratio=self.retention_ratio,
-            alpha=own["alpha"] if self.alpha is None else self.alpha,
             temperature=self.temperature,
             score=self.score,
             thumbnail_order=self.thumbnail_order,
             layout=self.layout,
             allocation="softmax_sum" if self.allocation == "globalcom2" else "uniform",
-            importance=own["importance"] if self.importance is None else self.importance,
             budget=self.budget,
         )
 
-    def _selector_config(self) -> MethodConfig | None:
-        """The selector's own standalone config (validates its options), or None for the [CLS] selectors."""
-        r = self.retention_ratio
-        if self.selector == "cdpruner":
-            return CDPrunerConfig(r, text_pooling=self.option("text_pooling"), negate=self.option("negate"))
-        if self.selector == "dart":
-            return DARTConfig(
-                r,
-                form="embedding",  # a per-crop selector runs before the language model
-                pivot_image_tokens=self.option("pivot_image_tokens"),
-                pivot_text_tokens=self.option("pivot_text_tokens"),
-            )
-        if self.selector == "visionzip":
-            return VisionZipConfig(r, contextual_share=self.option("contextual_share"))
-        return None
-
     @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        """What the selector reads beyond the [CLS] scores."""
-        return SELECTOR_NEEDS[self.selector]
+    def requires(self) -> Requirements:
+        """GlobalCom²'s [CLS] map, unpadding and layout, plus what the selector reads."""
+        alloc = self.allocator.requires
+        return Requirements(
+            score_layer=alloc.score_layer, score=alloc.score, scorer=alloc.scorer, unpad=alloc.unpad,
+            unpad_rounding=alloc.unpad_rounding, layout=alloc.layout, thumbnail_order=alloc.thumbnail_order,
+            needs=SELECTOR_CLASSES[self.selector].needs,
+        )  # fmt: skip
 
     # -- budgets (GlobalCom²'s) --------------------------------------------------------------------
 
-    @property
-    def content_independent(self) -> bool:
-        """Whether the number of kept tokens depends on the image size only (not on its pixels)."""
-        return self.allocator.content_independent
+    def content_dependence(self) -> str | None:
+        """GlobalCom²'s: the crop ratios depend on the content unless budget="exact" or allocation="uniform"."""
+        if self.allocator.content_dependence() is None:
+            return None
+        return (
+            f"with budget='authors' and allocation={self.allocation!r}, method 'composed' keeps int(N_j r_j) "
+            "tokens of crop j, which depends on the image's content; pass budget='exact' for a count that "
+            "depends on the image size only"
+        )
 
-    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
-        """(thumbnail tokens, (n,) crop tokens): GlobalCom²'s, see ``GlobalCom2Config.fixed_budget``."""
-        if not self.content_independent:
-            raise ValueError(
-                f"with budget='authors' and allocation={self.allocation!r}, method 'composed' keeps int(N_j r_j) "
-                "tokens of crop j, which depends on the image's content; pass budget='exact' for a count that "
-                "depends on the image size only"
-            )
-        return self.allocator.fixed_budget(ctx)
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+        """(thumbnail tokens, (n,) crop tokens): GlobalCom²'s, see ``GlobalCom2Config.size_budget``."""
+        return self.allocator.size_budget(ctx)
 
     # -- selection -------------------------------------------------------------------------------
 
     def select(self, ctx: ImageContext) -> Selection:
-        """GlobalCom²'s counts per view, filled by the selector inside each view."""
+        """GlobalCom²'s counts per view, filled by the selector inside each view's candidates (thumbnail: all
+        N; crop: its unpadded tokens)."""
         alloc = self.allocator
         ratios = alloc.crop_ratios(ctx)
         k0, k = alloc.budgets(ctx, ratios)  # int, (n,) long
-        if self.selector == "globalcom2":  # GlobalCom² itself: same calls, same tokens
-            crop_keep = core.keep_top_per_row(alloc.crop_importance(ctx), ctx.valid, k)
-            return Selection(self._cls_thumbnail(ctx, k0), crop_keep, ratios)
-        if self.selector == "fastervlm":
-            crop_keep = core.keep_top_per_row([row[m] for row, m in zip(ctx.crops, ctx.valid)], ctx.valid, k)
-            return Selection(self._cls_thumbnail(ctx, k0), crop_keep, ratios)
-        return self._select_by_views(ctx, k0, k, ratios)
-
-    def _cls_thumbnail(self, ctx: ImageContext, k0: int) -> torch.Tensor:
-        """(k0,) thumbnail tokens by [CLS] attention, best first."""
-        return core.top_indices(ctx.thumbnail, k0)
-
-    def _select_by_views(self, ctx: ImageContext, k0: int, k: torch.Tensor, ratios: torch.Tensor) -> Selection:
-        """Run the selector view by view over each view's candidates (thumbnail: all N; crop: unpadded)."""
         v, n_tok = ctx.scores.shape
         dev = ctx.scores.device
         valid = ctx.valid.to(dev)
         cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=dev), valid])  # (V, N)
         counts = [k0, *k.tolist()]
-        state = self._prepare(ctx)
+        selector, options = SELECTOR_CLASSES[self.selector](), self.selector_options
+        state = selector.prepare(ctx, options)
         picks, extras = [], []
         with torch.no_grad():
             for view in range(v):  # views, never tokens
-                pos = cand[view].nonzero().squeeze(1)  # (M,) candidates of this view
                 if view == 0 and self.thumbnail == "globalcom2":
-                    picks.append(self._cls_thumbnail(ctx, k0))
+                    picks.append(core.top_indices(ctx.thumbnail, k0))  # GlobalCom²'s rule: top int(N R) by [CLS]
                     continue
-                chosen, extra = self._pick(ctx, state, view, pos, counts[view])
+                pos = cand[view].nonzero().squeeze(1)  # (M,) candidates of this view
+                chosen, extra = selector.pick(ctx, state, view, pos, counts[view], options)
                 picks.append(chosen)
                 if extra is not None:
                     extras.append(extra)
         keep = torch.zeros(v, n_tok, dtype=torch.bool, device=dev)
         for view, chosen in enumerate(picks[1:], start=1):
-            keep[view, chosen] = True
+            keep[view, chosen.to(dev)] = True
         sel = Selection(picks[0], keep[1:], ratios)
         if not extras:
             return sel
         sel.extra = torch.cat(extras)  # (M_extra, D_vis): thumbnail's contextual tokens, then each crop's
         base = v * n_tok + 1  # first extra row in the emitted source
-        sel.order = torch.cat([self._assemble(sel, ctx), base + torch.arange(sel.extra.shape[0], device=dev)])
+        sel.order = torch.cat([self.order(sel, ctx), base + torch.arange(sel.extra.shape[0], device=dev)])
         return sel
-
-    def _assemble(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
-        """GlobalCom²'s emission of the kept patches (thumbnail, then crops in ``layout``)."""
-        thumb = sel.thumb_keep.sort().values if self.thumbnail_order == "spatial" else sel.thumb_keep
-        return core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, self.layout_name, ctx.box)
-
-    def _prepare(self, ctx: ImageContext) -> dict[str, Any]:
-        """Per-image inputs the selector shares across views (CDPruner's relevance, normalised over the image)."""
-        if self.selector in ("cdpruner", "divprune", "dart") and ctx.features is None:
-            raise ValueError(f"selector {self.selector!r} needs the projected features (ImageContext.features)")
-        if self.selector == "visionzip" and (ctx.hidden is None or ctx.keys is None):
-            raise ValueError("selector 'visionzip' needs the hidden states and keys (ImageContext.hidden/keys)")
-        state: dict[str, Any] = {}
-        if self.selector in ("cdpruner", "divprune", "dart"):
-            feats = ctx.features.detach()  # (V, N, D)
-            state["features"] = feats
-            if self.selector == "cdpruner":
-                pooling, negate = self.option("text_pooling"), self.option("negate")
-                state["relevance"] = instruction_relevance(feats, ctx.text, pooling, negate)  # (V, N)
-        return state
-
-    def _pick(
-        self, ctx: ImageContext, state: dict[str, Any], view: int, pos: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(chosen (k',) long positions of ``view`` in the selector's order, optional (C, D_vis) merged tokens).
-
-        pos: (M,) candidate positions of the view. k' = k except for VisionZip (k - C dominant patches).
-        """
-        if self.selector == "divprune":
-            return pos[max_min_diverse(state["features"][view, pos], k)], None
-        if self.selector == "cdpruner":
-            x = state["features"][view, pos].float()  # (M, D)
-            x = x / x.norm(dim=-1, keepdim=True)
-            rel = state["relevance"][view, pos]  # (M,)
-            kernel = rel[:, None] * (x @ x.t()) * rel[None, :]  # (M, M)
-            return pos[dpp_greedy(kernel[None], k)[0]], None
-        if self.selector == "dart":
-            keep = dart_keep_exact(
-                state["features"][view, pos], ctx.text, k, self.option("pivot_image_tokens"),
-                self.option("pivot_text_tokens"),
-            )  # fmt: skip
-            return pos[keep], None
-        # visionzip: k - C dominant patches by [CLS] attention, C contextual tokens merged from the rest
-        n_dom, c = visionzip_split(k, self.option("contextual_share"))
-        scores = ctx.scores[view, pos]  # (M,)
-        top = torch.topk(scores, n_dom).indices  # (n_dom,) best first
-        if c == 0:
-            return pos[top], None
-        rest = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
-        rest[top] = False
-        rest_pos = pos[rest] + 1  # (M - n_dom,) ascending positions in the [CLS]-first sequence
-        hidden = ctx.hidden[view : view + 1]  # (1, 1 + N, D_vis)
-        merged = merge_contextual(hidden, ctx.keys[view : view + 1].to(hidden.device), rest_pos[None], c)
-        return pos[top], merged[0]  # (n_dom,), (C, D_vis)
-
-
-_OWNERS: dict[str, list[str]] = {}
-for _sel, _opts in SELECTOR_OPTIONS.items():
-    for _opt in _opts:
-        _OWNERS.setdefault(_opt, []).append(_sel)

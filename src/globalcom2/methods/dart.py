@@ -60,23 +60,31 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from .. import core
 from .base import (
     ImageContext,
+    LLMMethod,
     MethodConfig,
     PruneContext,
+    Requirements,
     Selection,
     Stage,
-    check_choice,
-    selection_from_order,
-    stock_sequence,
+    ViewSelector,
+    VisionMethod,
+    check_pruning_layer,
 )
+from .checks import check_choice
+from .sequence import selection_from_order, stock_length, stock_sequence
 
 FORMS = ("llm", "embedding")
+#: DART's released pivots: 4 image tokens and 4 text tokens (their ``pivot_image_token``/``pivot_text_token``)
+PIVOT_IMAGE_TOKENS, PIVOT_TEXT_TOKENS = 4, 4
+#: DART's released pruning layer (``--pruned_layer 2``)
+PRUNED_LAYER = 2
 
 
 def least_duplicated(states: torch.Tensor, pivots: torch.Tensor, free: torch.Tensor, topk: int) -> torch.Tensor:
@@ -137,34 +145,39 @@ def duplication_aware_keep(
 
 
 @dataclass(frozen=True)
-class DARTConfig(MethodConfig):
-    """DART options.
+class _DARTOptions(MethodConfig):
+    """DART options, shared by both forms (``make_config("dart", form=...)`` picks the form's class).
 
     retention_ratio: R in (0, 1]; about ``round(R V)`` of the V visual tokens are kept (see above).
     form: "llm" (the authors' form: pivots by layer K-1 key norm, pruned before layer K) or
         "embedding" (before the language model, on its input embeddings, per image).
     k: with form="llm", prune before decoder layer K (0-based) using layer K-1; 1 <= K < num layers.
     pivot_image_tokens, pivot_text_tokens: pivots of each kind (DART's 4 and 4).
-    budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
-        depends on the image size only, given a prompt of at least ``pivot_text_tokens`` text tokens.
+    budget: "authors" or "exact", form="embedding" only; changes nothing: the count depends on the image
+        size only, given a prompt of at least ``pivot_text_tokens`` text tokens.
     """
 
     name = "dart"
     description = "DART: pivot tokens + the tokens least duplicated by them (in the LLM, or form='embedding')"
     paper = "DART (Wen et al., 2025)"
-    #: the default form's; an instance's ``where`` follows its ``form``
-    where = "llm"
-    needs = frozenset({"features", "text"})
+    #: the value of ``form`` this class runs
+    form_name: ClassVar[str] = ""
 
     form: str = "llm"
-    k: int = 2
-    pivot_image_tokens: int = 4
-    pivot_text_tokens: int = 4
+    k: int = PRUNED_LAYER
+    pivot_image_tokens: int = PIVOT_IMAGE_TOKENS
+    pivot_text_tokens: int = PIVOT_TEXT_TOKENS
     budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("form", self.form, FORMS)
+        if self.form != self.form_name:
+            other = "DARTEmbeddingConfig" if self.form == "embedding" else "DARTConfig"
+            raise TypeError(
+                f"{type(self).__name__} runs form={self.form_name!r}; for form={self.form!r} use {other} "
+                f"or make_config('dart', form={self.form!r})"
+            )
         if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) or self.k < 1:
             raise ValueError(f"k must be an int >= 1 (prune before layer K using layer K-1's keys), got {self.k!r}")
         object.__setattr__(self, "k", int(self.k))
@@ -182,64 +195,36 @@ class DARTConfig(MethodConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.pivot_image_tokens == 0:
             raise ValueError("pivot_image_tokens must be >= 1 (image pivots are always kept), got 0")
-        object.__setattr__(self, "where", self.where_of({"form": self.form}))
 
-    @classmethod
-    def where_of(cls, options: dict) -> str:
-        """Where it prunes: "llm" for the in-LLM form, "vision" for ``form="embedding"``."""
-        return "vision" if options.get("form", "llm") == "embedding" else "llm"
+    def visual_count(self, n_visual: int) -> int:
+        """Visual tokens kept of ``n_visual``: ``P_img + P TOPK`` (with ``pivot_text_tokens`` text pivots)."""
+        p_img = min(self.pivot_image_tokens, n_visual)
+        n_piv = p_img + self.pivot_text_tokens
+        retain = int(round(self.retention_ratio * n_visual))
+        return p_img + n_piv * topk_per_pivot(retain, n_visual, p_img, n_piv)
+
+
+@dataclass(frozen=True)
+class DARTConfig(_DARTOptions, LLMMethod):
+    """DART in the language model (``form="llm"``, the authors' form). Options: see ``_DARTOptions``."""
+
+    form_name = "llm"
 
     def check_model(self, model) -> None:
-        """With form="llm", K must name a layer of this model's language model."""
-        n = model.config.text_config.num_hidden_layers
-        if self.form == "llm" and self.k >= n:
-            raise ValueError(f"k must be in [1, {n - 1}] for a language model with {n} layers, got {self.k}")
-
-    @property
-    def layout_name(self) -> str:
-        """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
-        return "spatial"
-
-    def fixed_count(self, ctx: ImageContext) -> int:
-        """Visual tokens of any image of this geometry: P_img + P TOPK (a prompt of >= pivot_text_tokens tokens)."""
-        thumb = torch.arange(ctx.scores.shape[1])
-        t = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box).numel()
-        p_img = min(self.pivot_image_tokens, t)
-        topk = min(int(round(self.retention_ratio * t)), t - p_img) // (p_img + self.pivot_text_tokens)
-        return p_img + (p_img + self.pivot_text_tokens) * topk
-
-    # -- embedding form ------------------------------------------------------------------------
-
-    def select(self, ctx: ImageContext) -> Selection:
-        """Embedding form: pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
-        if self.form != "embedding":
-            raise TypeError("dart with form='llm' prunes inside the language model; use form='embedding' to select")
-        stock, source = stock_sequence(ctx, "dart")  # (T,), (V N + 1, D)
-        with torch.no_grad():
-            retain = int(round(self.retention_ratio * stock.numel()))
-            keep = duplication_aware_keep(
-                source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens
-            )
-        return selection_from_order(stock[keep], ctx)
-
-    # -- in-LLM form ---------------------------------------------------------------------------
+        """K must name a layer of this model's language model."""
+        check_pruning_layer(self.k, model)
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         """The decoder layer whose input is shortened."""
         return (self.k,)
 
     def stage_tokens(self, n_visual: int, num_layers: int) -> tuple[int, ...]:
-        """Visual tokens from layer K on (or entering the LLM, embedding form): ``P_img + P TOPK`` of ``n_visual``.
-
-        Counts ``pivot_text_tokens`` text pivots (a prompt with that many text tokens after the image).
-        """
-        p_img = min(self.pivot_image_tokens, n_visual)
-        n_piv = p_img + self.pivot_text_tokens
-        retain = int(round(self.retention_ratio * n_visual))
-        return (p_img + n_piv * topk_per_pivot(retain, n_visual, p_img, n_piv),)
+        """Visual tokens from layer K on: ``P_img + P TOPK`` of ``n_visual`` (a prompt with
+        ``pivot_text_tokens`` text tokens after the image)."""
+        return (self.visual_count(n_visual),)
 
     def prune(self, ctx: PruneContext) -> Stage:
-        """In-LLM form: pivots by layer K-1 key norm, then the visual tokens least like them (normed layer-K input)."""
+        """Pivots by layer K-1 key norm, then the visual tokens least like them (normed layer-K input)."""
         if ctx.keys is None or ctx.norm is None:
             raise ValueError("dart's in-LLM form needs layer K-1's keys and the final norm (PruneContext.keys/norm)")
         with torch.no_grad():
@@ -280,6 +265,98 @@ class DARTConfig(MethodConfig):
         kept = least_duplicated(states, states[visit], free, topk_per_pivot(retain, v, p_img, pivots.numel()))
         kept[img_piv] = True
         return torch.nonzero(real & (~vis | kept)).squeeze(1)
+
+
+@dataclass(frozen=True)
+class DARTEmbeddingConfig(_DARTOptions, VisionMethod):
+    """DART before the language model, on its input embeddings (``form="embedding"``). Options: ``_DARTOptions``."""
+
+    form_name = "embedding"
+    form: str = "embedding"
+
+    @property
+    def requires(self) -> Requirements:
+        """Stock layout (transformers' unpadding), the projected features and the prompt's text embeddings."""
+        return Requirements(
+            unpad=True, layout="spatial", thumbnail_order="spatial",
+            needs=frozenset({"features", "text"}),
+        )  # fmt: skip
+
+    def token_count(self, ctx: ImageContext) -> int:
+        """Visual tokens of any image of this geometry: P_img + P TOPK (a prompt of >= pivot_text_tokens tokens)."""
+        return self.visual_count(stock_length(ctx))
+
+    def select(self, ctx: ImageContext) -> Selection:
+        """Pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
+        stock, source = stock_sequence(ctx, "dart")  # (T,), (V N + 1, D)
+        with torch.no_grad():
+            retain = int(round(self.retention_ratio * stock.numel()))
+            keep = duplication_aware_keep(
+                source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens
+            )
+        return selection_from_order(stock[keep], ctx)
+
+
+DARTConfig.forms = DARTEmbeddingConfig.forms = {"llm": DARTConfig, "embedding": DARTEmbeddingConfig}
+
+
+def pivot_quota(extra: int, n_pivots: int) -> torch.Tensor:
+    """(P,) long: ``extra`` tokens split over P pivots as evenly as possible, the first ones taking one more."""
+    if n_pivots == 0:
+        return torch.zeros(0, dtype=torch.long)
+    p = torch.arange(n_pivots)
+    return extra // n_pivots + (p < extra % n_pivots).long()
+
+
+def dart_keep_exact(
+    tokens: torch.Tensor, text: torch.Tensor | None, k: int, n_image_pivots: int, n_text_pivots: int
+) -> torch.Tensor:
+    """(k,) long ascending rows of tokens: (M, D) kept by DART's pivots with exactly k tokens in all.
+
+    Image pivots: the ``min(n_image_pivots, k)`` rows of largest L1 norm (kept); text pivots: the
+    ``n_text_pivots`` rows of ``text`` (M_t, D) of largest L1 norm. Each pivot in turn takes its quota
+    (``pivot_quota``) of the free rows least cosine-similar to it. One vectorised step per pivot.
+    """
+    m = tokens.shape[0]
+    k = max(0, min(int(k), m))
+    x = tokens.float()
+    p_img = min(n_image_pivots, k)
+    img_piv = x.abs().sum(-1).topk(p_img).indices  # (P_img,)
+    txt = None if text is None or text.shape[0] == 0 else text.float().to(x.device)
+    p_txt = 0 if txt is None else min(n_text_pivots, txt.shape[0])
+    pivots = x[img_piv]
+    if p_txt:
+        pivots = torch.cat([pivots, txt[txt.abs().sum(-1).topk(p_txt).indices]])  # (P, D)
+    kept = torch.zeros(m, dtype=torch.bool, device=x.device)
+    kept[img_piv] = True
+    quota = pivot_quota(k - p_img, pivots.shape[0]).tolist()
+    if k > p_img:
+        normed = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (M, D)
+        pnormed = pivots / pivots.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # (P, D)
+        dissim = -(pnormed @ normed.t())  # (P, M), higher = less duplicated
+        for p, q in enumerate(quota):  # pivots in turn, never tokens
+            score = dissim[p].masked_fill(kept, -float("inf"))  # (M,)
+            kept[torch.sort(score, descending=True, stable=True).indices[:q]] = True
+    return kept.nonzero().squeeze(1)
+
+
+class DARTSelector(ViewSelector):
+    """DART inside one view with an exact count: its pivots and the tokens least duplicated by them."""
+
+    name = "dart"
+    needs = frozenset({"features", "text"})
+    method = DARTEmbeddingConfig
+    options = ("pivot_image_tokens", "pivot_text_tokens")
+
+    def prepare(self, ctx: ImageContext, options: dict) -> dict:
+        """The image's detached projected features."""
+        return {"features": self.projected(ctx)}
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """Exactly k candidates, ascending (``dart_keep_exact``)."""
+        feats = state["features"][view, pos]
+        keep = dart_keep_exact(feats, ctx.text, k, options["pivot_image_tokens"], options["pivot_text_tokens"])
+        return pos[keep], None
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:

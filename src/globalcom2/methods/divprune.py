@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, selection_from_order, stock_sequence
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .checks import check_choice
+from .sequence import selection_from_order, stock_length, stock_sequence
 
 GRANULARITIES = ("image", "view")
 
@@ -90,7 +92,7 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DivPruneConfig(MethodConfig):
+class DivPruneConfig(VisionMethod):
     """DivPrune options.
 
     retention_ratio: R in (0, 1]; ``round(R T)`` of the T stock visual tokens are kept.
@@ -103,7 +105,6 @@ class DivPruneConfig(MethodConfig):
     name = "divprune"
     description = "DivPrune: greedy max-min diversity of the projected visual tokens (cosine distance)"
     paper = "DivPrune (Alvar et al., CVPR 2025)"
-    needs = frozenset({"features"})
 
     granularity: str = "image"
     budget: str = "authors"
@@ -114,21 +115,22 @@ class DivPruneConfig(MethodConfig):
         check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
-    def layout_name(self) -> str:
-        """Stock LLaVA-NeXT's layout (unpadding rule of ``transformers``)."""
-        return "spatial"
+    def requires(self) -> Requirements:
+        """Stock LLaVA-NeXT's unpadded layout (transformers' rounding) and the projected features."""
+        return Requirements(
+            unpad=True, layout="spatial", thumbnail_order="spatial",
+            needs=frozenset({"features"}),
+        )  # fmt: skip
 
     def _count(self, t: int) -> int:
         return min(max(int(round(self.retention_ratio * t)), 1), t) if t else 0
 
-    def fixed_count(self, ctx: ImageContext) -> int:
+    def token_count(self, ctx: ImageContext) -> int:
         """Visual tokens of any image of this geometry: round(R T) of the T stock tokens (or per view)."""
         if self.granularity == "view":
             n_valid = [ctx.scores.shape[1], *ctx.valid.sum(1).tolist()]
             return sum(self._count(int(c)) for c in n_valid)
-        thumb = torch.arange(ctx.scores.shape[1])
-        stock = core.assemble_order(thumb, ctx.valid, ctx.valid, ctx.grid, ctx.side, "spatial", ctx.box)  # (T,)
-        return self._count(stock.numel())
+        return self._count(stock_length(ctx))
 
     def select(self, ctx: ImageContext) -> Selection:
         """The most diverse tokens of the image (or of each view), emitted in stock order."""
@@ -150,3 +152,19 @@ class DivPruneConfig(MethodConfig):
                 thumb = keep[0].nonzero().squeeze(1)
                 order = core.assemble_order(thumb, keep[1:], valid, ctx.grid, ctx.side, "flat")
         return selection_from_order(order, ctx)
+
+
+class DivPruneSelector(ViewSelector):
+    """DivPrune inside one view: the greedy max-min diversity of its candidates' projected features."""
+
+    name = "divprune"
+    method = DivPruneConfig
+    needs = frozenset({"features"})
+
+    def prepare(self, ctx: ImageContext, options: dict) -> dict:
+        """The image's detached projected features."""
+        return {"features": self.projected(ctx)}
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """k candidates, in the order chosen."""
+        return pos[max_min_diverse(state["features"][view, pos], k)], None

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_scorer
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .checks import check_choice, check_scorer
 
 
 @dataclass(frozen=True)
-class FasterVLMConfig(MethodConfig):
+class FasterVLMConfig(VisionMethod):
     """FasterVLM options.
 
     retention_ratio: R in (0, 1]; every view keeps ``max(1, round(N R))`` tokens.
@@ -61,31 +62,15 @@ class FasterVLMConfig(MethodConfig):
         check_choice("score", self.score, ("softmax", "logits"))
         check_choice("budget", self.budget, ("authors", "exact"))
 
-    def check_model(self, model) -> None:
-        """The feature layer must be one encoder layer's output: its [CLS] attention ranks the tokens."""
-        layer = model.config.vision_feature_layer
-        n = model.config.vision_config.num_hidden_layers
-        if isinstance(layer, (list, tuple)) or layer % (n + 1) == 0:
-            raise ValueError(
-                "fastervlm ranks tokens by the [CLS] attention of the layer producing the features, so "
-                f"config.vision_feature_layer must be one encoder layer's output (an int in [1, {n}] or "
-                f"[{-n}, -1]), got {layer!r}"
-            )
-
     @property
-    def score_source(self) -> tuple[int | None, str]:
-        """The [CLS] row of the feature layer (``vision_feature_layer``), like FasterVLM."""
-        return None, self.score
-
-    @property
-    def layout_name(self) -> str:
-        """Stock newlines when unpadding, FasterVLM's flat stitched grid otherwise."""
-        return "spatial" if self.unpad else "flat"
-
-    @property
-    def thumbnail_order(self) -> str:
-        """Kept thumbnail tokens in raster order."""
-        return "spatial"
+    def requires(self) -> Requirements:
+        """The [CLS] row of the feature layer (``vision_feature_layer``), like FasterVLM; unpadded crops with
+        stock newlines when ``unpad``, FasterVLM's flat stitched grid otherwise; thumbnail in raster order."""
+        return Requirements(
+            score_layer=None, score=self.score, scorer=self.scorer, unpad=self.unpad,
+            layout="spatial" if self.unpad else "flat",
+            thumbnail_order="spatial",
+        )  # fmt: skip
 
     def view_budget(self, n_tokens: torch.Tensor) -> torch.Tensor:
         """Tokens kept of views with ``n_tokens`` candidates each."""
@@ -94,22 +79,29 @@ class FasterVLMConfig(MethodConfig):
             return core.count_kept(n_tokens, r)
         return torch.clamp(torch.round(n_tokens.double() * r), min=1).long().clamp(max=n_tokens)
 
-    @property
-    def content_independent(self) -> bool:
-        """Always True: each view keeps a count set by its size."""
-        return True
-
-    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) crop tokens): the counts ``select`` keeps for any image of this geometry."""
         n_thumb = torch.tensor(ctx.thumbnail.numel())
         return int(self.view_budget(n_thumb)), self.view_budget(ctx.valid.sum(1).cpu())
 
     def select(self, ctx: ImageContext) -> Selection:
         """Top tokens of every view by its own [CLS] attention."""
-        n_thumb = torch.tensor(ctx.thumbnail.numel())
-        thumb_keep = core.top_indices(ctx.thumbnail, int(self.view_budget(n_thumb)))
-        k = self.view_budget(ctx.valid.sum(1).cpu())
+        k0, k = self.size_budget(ctx)
+        thumb_keep = core.top_indices(ctx.thumbnail, k0)
         scores = [row[m] for row, m in zip(ctx.crops, ctx.valid)]
         crop_keep = core.keep_top_per_row(scores, ctx.valid, k)
         ratios = torch.full((ctx.valid.shape[0],), self.retention_ratio, dtype=torch.float64)
         return Selection(thumb_keep, crop_keep, ratios)
+
+
+class FasterVLMSelector(ViewSelector):
+    """FasterVLM inside one view: its own top k by [CLS] attention."""
+
+    name = "fastervlm"
+    method = FasterVLMConfig
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """Top k by the view's scores (thumbnail: best first)."""
+        if view == 0:
+            return core.top_indices(ctx.thumbnail, k), None
+        return pos[torch.topk(ctx.scores[view, pos], k).indices], None

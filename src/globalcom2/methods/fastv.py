@@ -31,11 +31,14 @@ import numpy as np
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, PruneContext, Selection, Stage
+from .base import LLMMethod, PruneContext, Stage, check_pruning_layer
+
+#: FastV's released setting: prune after layer K = 2
+PRUNED_LAYER = 2
 
 
 @dataclass(frozen=True)
-class FastVConfig(MethodConfig):
+class FastVConfig(LLMMethod):
     """FastV options.
 
     retention_ratio: R in (0, 1]; each sample keeps ``int(n_image R)`` of its image tokens.
@@ -44,10 +47,9 @@ class FastVConfig(MethodConfig):
 
     name = "fastv"
     description = "FastV: after LLM layer K, keep the image tokens the last token attends to most"
-    where = "llm"
     paper = "FastV [20] (Chen et al., ECCV 2024)"
 
-    k: int = 2
+    k: int = PRUNED_LAYER
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,9 +61,7 @@ class FastVConfig(MethodConfig):
 
     def check_model(self, model) -> None:
         """K must name a layer of this model's language model."""
-        n = model.config.text_config.num_hidden_layers
-        if self.k >= n:
-            raise ValueError(f"k must be in [1, {n - 1}] for a language model with {n} layers, got {self.k}")
+        check_pruning_layer(self.k, model)
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         """The decoder layer whose input is shortened."""
@@ -93,7 +93,3 @@ class FastVConfig(MethodConfig):
             positions.append(ctx.positions[row, keep])
             visual.append(ctx.visual[row, keep])
         return Stage(hidden, positions, visual)
-
-    def select(self, ctx: ImageContext) -> Selection:  # pragma: no cover - not a vision-side method
-        """FastV prunes inside the LLM; the vision side is stock."""
-        raise TypeError("fastv prunes inside the language model; it has no vision-side selection")

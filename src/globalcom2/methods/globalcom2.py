@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_number, check_scorer
+from .base import TRANSFORMERS_UNPAD_DIGITS, ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .checks import check_choice, check_number, check_scorer
 
 ALLOCATIONS = ("softmax_sum", "softmax_max", "ntopk", "uniform")
 IMPORTANCES = ("global_local", "local_only", "global_only")
@@ -18,7 +19,7 @@ BUDGETS = ("authors", "exact")
 
 
 @dataclass(frozen=True)
-class GlobalCom2Config(MethodConfig):
+class GlobalCom2Config(VisionMethod):
     """GlobalCom² options. The defaults reproduce the authors' released code token for token.
 
     retention_ratio: R in (0, 1]; the thumbnail keeps int(N R) tokens, crop j keeps int(N_j r_j).
@@ -74,6 +75,16 @@ class GlobalCom2Config(MethodConfig):
         check_choice("importance", self.importance, IMPORTANCES)
         check_choice("budget", self.budget, BUDGETS)
 
+    @property
+    def requires(self) -> Requirements:
+        """Last layer's [CLS] row (``score``), unpadded crops (the authors truncate; ``layout="spatial"`` rounds
+        like transformers), this config's layout and thumbnail order."""
+        rounding = None if self.layout == "authors" else TRANSFORMERS_UNPAD_DIGITS
+        return Requirements(
+            score_layer=-1, score=self.score, scorer=self.scorer, unpad=True, unpad_rounding=rounding,
+            layout=self.layout, thumbnail_order=self.thumbnail_order,
+        )  # fmt: skip
+
     # -- the two stages ------------------------------------------------------------------------
 
     def crop_ratios(self, ctx: ImageContext) -> torch.Tensor:
@@ -109,10 +120,15 @@ class GlobalCom2Config(MethodConfig):
 
     # -- budgets -------------------------------------------------------------------------------
 
-    @property
-    def content_independent(self) -> bool:
-        """Whether the number of kept tokens depends on the image size only (not on its pixels)."""
-        return self.budget == "exact" or self.allocation == "uniform"
+    def content_dependence(self) -> str | None:
+        """Why the count depends on the pixels: crop j keeps int(N_j r_j) with content-driven r_j."""
+        if self.budget == "exact" or self.allocation == "uniform":
+            return None
+        return (
+            f"with budget='authors' and allocation={self.allocation!r}, method {self.name!r} keeps "
+            "int(N_j r_j) tokens of crop j, which depends on the image's content; pass budget='exact' "
+            "for a count that depends on the image size only"
+        )
 
     def exact_budget(self, ctx: ImageContext) -> tuple[int, int]:
         """(thumbnail tokens, crop tokens in total) under ``budget="exact"``: int(N R) and round(R sum N_j).
@@ -124,7 +140,7 @@ class GlobalCom2Config(MethodConfig):
         n_tok = ctx.valid.sum(1)  # (n,) N_j
         k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
         crops = core.exact_total(n_tok, self.retention_ratio)
-        if self.layout_name == "authors":
+        if self.layout == "authors":
             grid_valid = core.crops_to_grid(ctx.valid, ctx.grid, ctx.side)  # (nph*S, npw*S)
             h, w = int(grid_valid.any(1).sum()), int(grid_valid.any(0).sum())
             no_ratios = torch.zeros(n_tok.numel(), dtype=torch.float64)
@@ -135,18 +151,11 @@ class GlobalCom2Config(MethodConfig):
             crops, k0 = crops - cut, max(k0 - max(excess - cut, 0), 0)
         return k0, crops
 
-    def fixed_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
+    def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count.
 
         Reads only the geometry (``ctx.valid``, ``ctx.side``, ``ctx.grid``), never the scores.
-        Raises ValueError when the count depends on the image's content.
         """
-        if not self.content_independent:
-            raise ValueError(
-                f"with budget='authors' and allocation={self.allocation!r}, method {self.name!r} keeps "
-                "int(N_j r_j) tokens of crop j, which depends on the image's content; pass budget='exact' "
-                "for a count that depends on the image size only"
-            )
         n_tok = ctx.valid.sum(1).cpu()  # (n,)
         if self.budget == "exact":
             k0, total = self.exact_budget(ctx)
@@ -170,3 +179,22 @@ class GlobalCom2Config(MethodConfig):
         thumb_keep = core.top_indices(ctx.thumbnail, k0)
         crop_keep = core.keep_top_per_row(self.crop_importance(ctx), ctx.valid, k)
         return Selection(thumb_keep, crop_keep, ratios)
+
+
+class GlobalCom2Selector(ViewSelector):
+    """GlobalCom²'s crop-token importance (global + local, ``alpha``/``importance``); thumbnail by [CLS]."""
+
+    name = "globalcom2"
+    method = GlobalCom2Config
+    options = ("alpha", "importance")
+
+    def prepare(self, ctx: ImageContext, options: dict) -> dict:
+        """Per crop, (N_j,) importance of its unpadded tokens."""
+        cfg = GlobalCom2Config(alpha=options["alpha"], importance=options["importance"])
+        return {"importance": cfg.crop_importance(ctx)}
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """Thumbnail: top k by [CLS] score (best first); crop j: top k by importance."""
+        if view == 0:
+            return core.top_indices(ctx.thumbnail, k), None
+        return pos[torch.topk(state["importance"][view - 1], k).indices], None

@@ -74,7 +74,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MethodConfig, PruneContext, Stage, check_choice
+from .base import LLMMethod, PruneContext, Stage
+from .checks import check_choice
 
 #: v1.5's released schedules (576 visual tokens, pruning after layers 2/6/15): label -> original tokens kept per stage
 RELEASED = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -111,7 +112,7 @@ def _interpolate(x: float, anchors: list[tuple[float, tuple[float, ...]]]) -> tu
 
 
 @dataclass(frozen=True)
-class SparseVLMConfig(MethodConfig):
+class SparseVLMConfig(LLMMethod):
     """SparseVLM options.
 
     retention_ratio: R in (0, 1]; "v15": the released label's share (R = N / 576 runs v1.5's schedule N),
@@ -124,7 +125,6 @@ class SparseVLMConfig(MethodConfig):
 
     name = "sparsevlm"
     description = "SparseVLM: text-guided progressive pruning inside the LLM with token recycling"
-    where = "llm"
     paper = "SparseVLM [19] (Zhang et al., ICML 2025)"
 
     layers: tuple[int, ...] = (2, 6, 15)

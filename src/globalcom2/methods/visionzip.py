@@ -42,7 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, MethodConfig, Selection, check_choice, check_number, check_scorer
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .checks import check_choice, check_number, check_scorer
+
+#: VisionZip's released split: ``visionzip(model, dominant=54, contextual=10)`` keeps 64 tokens a view, 10 merged
+CONTEXTUAL_SHARE = 10 / 64
 
 
 def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
@@ -76,7 +80,7 @@ def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tenso
 
 
 @dataclass(frozen=True)
-class VisionZipConfig(MethodConfig):
+class VisionZipConfig(VisionMethod):
     """VisionZip options.
 
     retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens.
@@ -91,11 +95,10 @@ class VisionZipConfig(MethodConfig):
     name = "visionzip"
     description = "VisionZip: per view, dominant tokens by [CLS] attention + contextual tokens merged by key similarity"
     paper = "VisionZip (Yang et al., CVPR 2025)"
-    needs = frozenset({"hidden", "keys"})
 
-    contextual_share: float = 10 / 64
-    budget: str = "authors"
+    contextual_share: float = CONTEXTUAL_SHARE
     scorer: str = "auto"
+    budget: str = "authors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,20 +107,19 @@ class VisionZipConfig(MethodConfig):
         check_choice("budget", self.budget, ("authors", "exact"))
 
     @property
-    def score_source(self) -> tuple[int | None, str]:
-        """Attention probabilities of the feature layer, like VisionZip's ``attentions[-2]``."""
-        return None, "softmax"
-
-    @property
-    def unpad(self) -> bool:
-        """VisionZip's LLaVA-NeXT path keeps the padded crop grid."""
-        return False
+    def requires(self) -> Requirements:
+        """Attention probabilities of the feature layer (VisionZip's ``attentions[-2]``), the padded crop grid
+        (their LLaVA-NeXT path), the feature layer's hidden states and the score layer's keys."""
+        return Requirements(
+            score_layer=None, score="softmax", scorer=self.scorer, unpad=False, layout="flat",
+            thumbnail_order="spatial", needs=frozenset({"hidden", "keys"}),
+        )  # fmt: skip
 
     def view_budget(self, n_tokens: int) -> int:
         """Tokens kept of a view with ``n_tokens`` patches."""
         return min(max(1, round(n_tokens * self.retention_ratio)), n_tokens)
 
-    def fixed_count(self, ctx: ImageContext) -> int:
+    def token_count(self, ctx: ImageContext) -> int:
         """Visual tokens of any image of this geometry: K per view ([CLS] + dominant + contextual), (1 + n) K."""
         return ctx.scores.shape[0] * self.view_budget(ctx.scores.shape[1])
 
@@ -156,3 +158,31 @@ class VisionZipConfig(MethodConfig):
         ])  # fmt: skip
         ratios = torch.full((n,), k / n_tok, dtype=torch.float64)
         return Selection(thumb, keep[1:], ratios, extra=extra, order=order)
+
+
+class VisionZipSelector(ViewSelector):
+    """VisionZip inside one view: ``k - C`` dominant patches by [CLS] attention, ``C`` merged contextual tokens."""
+
+    name = "visionzip"
+    method = VisionZipConfig
+    options = ("contextual_share",)
+    needs = frozenset({"hidden", "keys"})
+
+    def prepare(self, ctx: ImageContext, options: dict) -> dict:
+        """Nothing to share; checks the hidden states and keys are there."""
+        if ctx.hidden is None or ctx.keys is None:
+            raise ValueError("selector 'visionzip' needs the hidden states and keys (ImageContext.hidden/keys)")
+        return {}
+
+    def pick(self, ctx: ImageContext, state: dict, view: int, pos: torch.Tensor, k: int, options: dict):
+        """(n_dom,) dominant positions best first, (C, D_vis) contextual tokens (None when C = 0)."""
+        n_dom, c = visionzip_split(k, options["contextual_share"])
+        top = torch.topk(ctx.scores[view, pos], n_dom).indices  # (n_dom,) best first
+        if c == 0:
+            return pos[top], None
+        rest = torch.ones(pos.numel(), dtype=torch.bool, device=pos.device)
+        rest[top] = False
+        rest_pos = pos[rest] + 1  # (M - n_dom,) ascending positions in the [CLS]-first sequence
+        hidden = ctx.hidden[view : view + 1]  # (1, 1 + N, D_vis)
+        merged = merge_contextual(hidden, ctx.keys[view : view + 1].to(hidden.device), rest_pos[None], c)
+        return pos[top], merged[0]

@@ -40,9 +40,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import core
-from ..methods.base import ImageContext, MethodConfig, Selection
-from . import scoring
-from .common import PackedInputs, check_class, pack, text_embeddings  # noqa: F401  (re-exported)
+from ..core import scoring
+from ..core.context import ImageContext, Selection
+from ..core.layers import HiddenIndex
+from ..methods.base import MethodConfig
+from .base import (  # noqa: F401  (PackedInputs, pack, text_embeddings re-exported)
+    Compressed,
+    EncodedViews,
+    FamilyAdapter,
+    ImageBatch,
+    ImageRecord,
+    PackedInputs,
+    check_class,
+    check_pixel_values,
+    emit,
+    kept_views,
+    pack,
+    text_embeddings,
+)
 
 FAMILY = "internvl"
 SUPPORTED_CLASSES = ("InternVLForConditionalGeneration",)
@@ -115,15 +130,12 @@ def check_model(model: nn.Module) -> None:
         raise TypeError(f"the vision tower has no [CLS] token (embeddings.cls_token); got {type(tower).__name__}")
 
 
-def check_method(cfg: MethodConfig) -> None:
-    """Raise ValueError for methods that cannot run on InternVL (before ``apply`` touches the model)."""
-    if cfg.where == "vision" and cfg.needs & {"hidden", "keys"}:
-        raise ValueError(
-            f"method {cfg.name!r} is not supported on InternVL: it merges vision-tower tokens (hidden states, "
-            "[CLS]) and projects them itself, but InternVL's projector takes pixel-shuffled 2x2 groups of "
-            "patches, not single vision tokens; use one of the token-selecting methods (globalcom2, fastervlm, "
-            "divprune, dart, cdpruner, ...)"
-        )
+#: why methods that project vision-tower tokens themselves cannot run here
+NO_VISION_TOKENS = (
+    "it merges vision-tower tokens (hidden states, [CLS]) and projects them itself, but InternVL's projector "
+    "takes pixel-shuffled 2x2 groups of patches, not single vision tokens; use one of the token-selecting "
+    "methods (globalcom2, fastervlm, divprune, dart, cdpruner, ...)"
+)
 
 
 def crop_grid(
@@ -194,8 +206,8 @@ class Geometry:
         n = grid[0] * grid[1]
         return n + 1 if n > 1 else 1
 
-    def stock_tokens(self, grid: tuple[int, int]) -> int:
-        """Visual tokens stock InternVL feeds its LLM for one image (``S^2`` per view, no newlines)."""
+    def grid_tokens(self, grid: tuple[int, int]) -> int:
+        """Visual tokens stock InternVL feeds its LLM for an image of this tile grid (``S^2`` per view, no newlines)."""
         return self.views(grid) * self.side**2
 
 
@@ -240,9 +252,8 @@ def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_
     """
     cfg = model.config
     geo = Geometry.from_config(cfg)
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values must be a float tensor from the processor, got {type(pixel_values).__name__}")
-    want = (3, geo.tile, geo.tile)
+    check_pixel_values(pixel_values)
+    want = (cfg.vision_config.num_channels, geo.tile, geo.tile)
     if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
         raise ValueError(
             f"pixel_values must be (total tiles, {want[0]}, {want[1]}, {want[2]}) as the InternVL processor returns "
@@ -343,13 +354,8 @@ def patch_scores(model: nn.Module, hidden_states: tuple, scorer: str, score: str
     """(V, P^2) float32 rating of every patch of every tile by ``scorer`` at the layer producing
     ``hidden_states[layer]``; q/k recomputed from the hidden state entering it as the layer computes them."""
     layers = model.model.vision_tower.encoder.layer
-    pos = layer % (len(layers) + 1)
-    if pos == 0:
-        raise ValueError(
-            "the scoring layer must be an encoder layer (its attention rates the tokens); hidden state 0 is the "
-            "embeddings: pick a vision_feature_layer / score layer other than 0"
-        )
-    lyr, hidden = layers[pos - 1], hidden_states[pos - 1]
+    index = HiddenIndex.of(layer, len(layers))
+    lyr, hidden = layers[index.layer], hidden_states[index.layer_input]
     attn = lyr.attention
     x = lyr.layernorm_before(hidden).float()  # (V, 1+P^2, D)
 
@@ -358,15 +364,17 @@ def patch_scores(model: nn.Module, hidden_states: tuple, scorer: str, score: str
 
     q = _rms(attn.q_norm, proj(attn.q_proj)) * attn.scale  # (V, 1+P^2, D)
     k = _rms(attn.k_norm, proj(attn.k_proj))  # (V, 1+P^2, D)
-    tokens = hidden_states[pos][:, 1:]  # (V, P^2, D) the layer's output patches
+    tokens = hidden_states[index.index][:, 1:]  # (V, P^2, D) the layer's output patches
     return scoring.view_scores(scorer, q, k, tokens, attn.num_heads, True, score)
 
 
-def encode(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, layer: int, with_scores: bool = True):
-    """Stock features and, optionally, token scores of every tile.
+def encode_views(
+    model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, grids: list[tuple[int, int]], layer: int,
+    with_scores: bool = True,
+) -> EncodedViews:  # fmt: skip
+    """Stock features and, optionally, token scores of every tile (``geometry``: each image's tile grid).
 
-    returns: (features (sum V, N, D_llm) exactly as stock computes them, scores (sum V, N) float32 or None,
-        hidden-state tuple). A token's score is the mean of its k x k patches' scores.
+    Features are exactly as stock computes them; a token's score is the mean of its k x k patches' scores.
     """
     out = model.model.get_image_features(
         pixel_values,
@@ -376,25 +384,18 @@ def encode(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, laye
         return_dict=True,
     )
     feats, hs = out.pooler_output, out.hidden_states
+    n_views = [Geometry.views(g) for g in grids]
     if not with_scores:
-        return feats, None, hs
-    score_layer, kind = cfg.score_source
-    score_layer = layer if score_layer is None else score_layer
-    scorer = scoring.resolve_scorer(getattr(cfg, "scorer", "auto"), True, "InternViT")
+        return EncodedViews(list(feats.split(n_views)), [], hs, n_views, None, list(grids))
+    req = cfg.requires
+    index = layer if req.score_layer is None else req.score_layer
+    scorer = scoring.resolve_scorer(req.scorer, True, "InternViT")
     geo = Geometry.from_config(model.config)
     with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
-        patches = patch_scores(model, hs, scorer, kind, score_layer)  # (sum V, P^2)
+        patches = patch_scores(model, hs, scorer, req.score, index)  # (sum V, P^2)
         groups = shuffle_groups(model, geo, patches.device)  # (N, k^2)
         scores = patches[:, groups].mean(dim=-1)  # (sum V, N)
-    return feats, scores, hs
-
-
-def run_config(cfg: MethodConfig) -> MethodConfig:
-    """The config a method runs with on InternVL: ``layout`` (where LLaVA-NeXT's newlines go) does not apply
-    here (no newlines); "spatial" is used so that no newline enters a budget."""
-    if "layout" in cfg.option_names() and cfg.layout != "spatial":
-        return dataclasses.replace(cfg, layout="spatial")
-    return cfg
+    return EncodedViews(list(feats.split(n_views)), list(scores.split(n_views)), hs, n_views, None, list(grids))
 
 
 def make_context(
@@ -428,6 +429,7 @@ def make_context(
         image_index=index,
         region_weights=core.crop_region_weights(side, grid, device=device),
         stock_order=stock,
+        newlines=False,
         **inputs,
     )
 
@@ -458,98 +460,57 @@ def physical_order(sel: Selection, ctx: ImageContext, n_views: int) -> torch.Ten
     return out[idx != newline]
 
 
-@dataclass
-class ImageRecord:
-    """What happened to one image: its crop grid, the selection and the emitted order."""
-
-    grid: tuple[int, int]
-    side: int
-    n_views: int  # tiles the model saw (crops + thumbnail, or 1)
-    valid: torch.Tensor  # (n, N) bool
-    selection: Selection
-    order: torch.Tensor  # (T,) indices into concat(tiles.flatten(0, 1), extra), tiles in processor order
-    scores: torch.Tensor  # (1 + n, N) token scores, thumbnail first
-
-    @property
-    def num_tokens(self) -> int:
-        """Visual tokens the language model receives for this image."""
-        return int(self.order.numel())
-
-    def kept_mask(self) -> torch.Tensor:
-        """(1 + n, N) bool, which tokens of each view reach the language model, thumbnail first (single tile:
-        row 0 is the tile)."""
-        n_tok = self.side**2
-        mask = torch.zeros(self.n_views * n_tok, dtype=torch.bool, device=self.order.device)
-        mask[self.order[self.order < self.n_views * n_tok]] = True
-        mask = mask.view(self.n_views, n_tok)
-        if self.n_views == 1:
-            return torch.cat([mask, torch.zeros_like(mask)])
-        return torch.cat([mask[-1:], mask[:-1]])
+def select_image(cfg: MethodConfig, features: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int],
+                 index: int = 0, **inputs) -> ImageRecord:  # fmt: skip
+    """Run the method on one image. features: (V, N, D) and scores: (V, N) in tile order. -> ``ImageRecord``
+    whose ``order`` indexes the tiles in the processor's order (``physical_order``)."""
+    n_views = features.shape[0]
+    if "features" in cfg.needs:
+        inputs["features"], inputs["newline"] = features, features.new_zeros(features.shape[-1])  # never addressed
+    side = int(round(scores.shape[1] ** 0.5))  # N = S^2 tokens per tile
+    ctx = make_context(grid, side, scores, index=index, **inputs)
+    sel = cfg.select(ctx)
+    context_order = cfg.order(sel, ctx)
+    order = physical_order(sel, ctx, n_views)
+    kept = kept_views(context_order, ctx)
+    return ImageRecord(None, grid, ctx.side, ctx.valid, sel, order, ctx.scores, kept, n_views)
 
 
-def emit(model: nn.Module, rec: ImageRecord, features: torch.Tensor) -> torch.Tensor:
-    """(T, D_llm) tokens the language model receives for one image. features: (V, N, D_llm) in tile order."""
-    if rec.selection.extra is not None and rec.selection.extra.shape[0]:
-        raise ValueError("methods that emit vision-space tokens of their own are not supported on InternVL")
-    return features.flatten(0, 1)[rec.order.to(features.device)]
-
-
-def compress(
-    model: nn.Module,
-    cfg: MethodConfig,
-    pixel_values: torch.Tensor,
-    grids: list[tuple[int, int]],
-    layer: int,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-):
-    """Visual tokens for the LLM, per image, plus a record of what was kept. returns: (features, records)."""
-    geo = Geometry.from_config(model.config)
-    run = run_config(cfg)
-    feats, scores, _ = encode(model, run, pixel_values, layer)
-    n_views = [Geometry.views(g) for g in grids]
-    texts = [None] * len(grids)
-    if "text" in run.needs and input_ids is not None:
-        texts = text_embeddings(model, input_ids, attention_mask, [v * geo.side**2 for v in n_views])
-    out, records = [], []
-    for i, (f, s, g, v, t) in enumerate(zip(feats.split(n_views), scores.split(n_views), grids, n_views, texts)):
-        extra = {}
-        if "features" in run.needs:
-            extra["features"], extra["newline"] = f, f.new_zeros(f.shape[-1])  # no newline: never addressed
-        if "text" in run.needs:
-            extra["text"] = t
-        ctx = make_context(g, geo.side, s, index=i, **extra)
-        sel = run.select(ctx)
-        rec = ImageRecord(g, geo.side, v, ctx.valid, sel, physical_order(sel, ctx, v), ctx.scores)
-        out.append(emit(model, rec, f))
-        records.append(rec)
-    return out, records
-
-
-def prepare_images(
-    model: nn.Module,
-    cfg: MethodConfig,
-    pixel_values: torch.Tensor,
-    vision_kwargs: dict,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-):
-    """The adapter's entry point for a patched call.
-
-    vision_kwargs: ``image_grids``/``image_sizes`` and the vision overrides.
-    returns: (features per image (T_i, D_llm), stock placeholder count per image, records or None).
-    """
+def _call_grids(model: nn.Module, pixel_values, vision_kwargs: dict, input_ids) -> tuple[int, list[tuple[int, int]]]:
+    """(feature layer, crop grid per image) of a call, validated; input_ids are required (tiles per image)."""
     if input_ids is None:
         raise ValueError("input_ids are required with pixel_values: they tell how many tiles each image has")
     layer = _check_overrides(model, vision_kwargs)
-    grids = image_grids(model, pixel_values, input_ids, vision_kwargs)
+    return layer, image_grids(model, pixel_values, input_ids, vision_kwargs)
+
+
+def compress(
+    model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes=None,
+    input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **vision_kwargs,
+) -> Compressed:  # fmt: skip
+    """Visual tokens for the LLM, per image, plus a record of what was kept (the patched model's own path).
+
+    input_ids: required (each image's run of ``<IMG_CONTEXT>`` tokens tells how many tiles it has);
+    vision_kwargs: ``image_grids`` and the vision overrides.
+    returns: ``Compressed(features, records)``: per image a (T_i, D_llm) tensor and an ``ImageRecord``.
+    """
+    vision_kwargs = {**vision_kwargs, "image_sizes": image_sizes}
+    cfg = ADAPTER.resolve(cfg, model.config)
+    layer, grids = _call_grids(model, pixel_values, vision_kwargs, input_ids)
     geo = Geometry.from_config(model.config)
-    counts = [geo.stock_tokens(g) for g in grids]
-    if cfg.where == "llm":
-        feats, _, _ = encode(model, cfg, pixel_values, layer, with_scores=False)
-        return [f.flatten(0, 1) for f in feats.split([Geometry.views(g) for g in grids])], counts, None
-    feats, records = compress(model, cfg, pixel_values, grids, layer, input_ids, attention_mask)
-    return feats, counts, records
+    enc = encode_views(model, cfg, pixel_values, grids, layer)
+    texts = [None] * len(grids)
+    if "text" in cfg.needs:
+        texts = text_embeddings(model, input_ids, attention_mask, [v * geo.side**2 for v in enc.n_views])
+    out, records = [], []
+    for i, (f, s, g, t) in enumerate(zip(enc.features, enc.scores, grids, texts)):  # loop over images
+        extra = {"text": t} if "text" in cfg.needs else {}
+        rec = select_image(cfg, f, s, g, index=i, **extra)
+        if rec.selection.extra is not None and rec.selection.extra.shape[0]:
+            raise ValueError("methods that emit vision-space tokens of their own are not supported on InternVL")
+        out.append(emit(f, rec.order))
+        records.append(rec)
+    return Compressed(out, records)
 
 
 def geometry_context(cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
@@ -558,12 +519,66 @@ def geometry_context(cfg: MethodConfig, config, image_size: tuple[int, int]) -> 
     return make_context(geo.grid(image_size), geo.side)
 
 
-def num_image_tokens(cfg: MethodConfig, config, image_size: tuple[int, int]) -> int:
-    """Visual tokens the LLM receives for one image under ``cfg`` (a method with ``fixed_budget``)."""
-    from ..budget import canonical_selection
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
 
-    run = run_config(cfg)
-    ctx = geometry_context(run, config, image_size)
-    k0, k = run.fixed_budget(ctx)
-    sel = canonical_selection(ctx, k0, k)
-    return int(physical_order(sel, ctx, Geometry.views(ctx.grid)).numel())
+
+class InternVLAdapter(FamilyAdapter):
+    """InternVL 2.5/3: InternViT with [CLS] and q/k norms, tiles + a thumbnail tile last, pixel shuffle."""
+
+    family = FAMILY
+    display_name = "InternVL"
+    model_classes = SUPPORTED_CLASSES
+    config_classes = CONFIG_CLASSES
+    vision_kwargs = VISION_KWARGS
+    has_cls = True
+    tower_name = "InternViT"
+    checkpoints = ("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-2B-hf")
+
+    check_config = staticmethod(check_config)
+    check_model = staticmethod(check_model)
+    compress_images = staticmethod(compress)
+
+    def resolve(self, cfg: MethodConfig, config) -> MethodConfig:
+        """Methods that project vision-tower tokens themselves are refused; ``layout`` (where LLaVA-NeXT's
+        newlines go) runs as "spatial", so no newline enters a budget (InternVL has none)."""
+        cfg = super().resolve(cfg, config)
+        if cfg.where == "vision" and cfg.needs & {"hidden", "keys"}:
+            raise ValueError(f"method {cfg.name!r} is not supported on InternVL: {NO_VISION_TOKENS}")
+        if "layout" in cfg.option_names() and cfg.requires.layout != "spatial":
+            cfg = dataclasses.replace(cfg, layout="spatial")
+        return cfg
+
+    def stock_counts(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[int]:
+        """``S^2`` per tile of every image (tiles counted from its ``<IMG_CONTEXT>`` run)."""
+        geo = Geometry.from_config(model.config)
+        return [geo.grid_tokens(g) for g in _call_grids(model, pixel_values, vision_kwargs, input_ids)[1]]
+
+    def stock_features(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[torch.Tensor]:
+        """Stock features of every image, tiles in the processor's order."""
+        layer, grids = _call_grids(model, pixel_values, vision_kwargs, input_ids)
+        enc = encode_views(model, None, pixel_values, grids, layer, with_scores=False)
+        return [f.flatten(0, 1) for f in enc.features]
+
+    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
+        """Zero-score context of one image: thumbnail first, crops, no newlines."""
+        return geometry_context(cfg, config, image_size)
+
+    def stock_token_count(self, config, image_size: tuple[int, int]) -> int:
+        """``S^2`` per tile (crops + thumbnail), no newlines."""
+        geo = Geometry.from_config(config)
+        return geo.grid_tokens(geo.grid(image_size))
+
+    def processor_kwargs(self, processor, images: list) -> dict:
+        """``image_grids`` as the processor tiled the images (its inputs do not say)."""
+        return {"image_grids": processor_grids(processor, images)}
+
+    def view_pixels(self, pixel_values: torch.Tensor, rec: ImageRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiles of the first image (thumbnail tile last; a single tile is its own thumbnail)."""
+        n = rec.grid[0] * rec.grid[1]
+        tiles = pixel_values[: n + 1 if n > 1 else 1]
+        return tiles[-1], (tiles[:-1] if n > 1 else tiles)
+
+
+ADAPTER = InternVLAdapter()

@@ -51,18 +51,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.image_processing_utils import select_best_resolution  # the processor's own rule
 
 from .. import core
-from ..methods.base import ImageContext, MethodConfig
-from . import scoring
-from .common import check_class, flatten_views, pack, text_embeddings  # noqa: F401  (re-exported)
-from .llava_next import (
+from ..core import scoring
+from ..core.context import ImageContext
+from ..methods.base import TRANSFORMERS_UNPAD_DIGITS, MethodConfig
+from . import towers
+from .base import (  # noqa: F401  (pack, text_embeddings re-exported)
+    Compressed,
+    EncodedViews,
+    FamilyAdapter,
+    ImageBatch,
     ImageRecord,
-    _image_sizes_list,
-    check_encoder_tower,
-    feature_layer,
-    select_best_resolution,
-    tower_scores,
+    check_channels,
+    check_class,
+    check_pixel_values,
+    emit,
+    flatten_views,
+    image_sizes_list,
+    pack,
+    select_in_context,
+    text_embeddings,
 )
 
 FAMILY = "llava_onevision"
@@ -126,19 +136,13 @@ def check_model(model: nn.Module) -> None:
     """Raise a clear error unless ``model`` is a stock LLaVA-OneVision this adapter supports."""
     check_class(model, SUPPORTED_CLASSES)
     check_config(model.config)
-    check_encoder_tower(model.model.vision_tower, "a SigLIP/CLIP-style encoder")
+    towers.check_encoder_tower(model.model.vision_tower, "a SigLIP/CLIP-style encoder")
 
 
 def method_config(cfg: MethodConfig, config=None) -> MethodConfig:
     """The config a method runs with on this family: ``layout="authors"`` becomes ``"spatial"``; ValueError
     for what cannot run (``visionzip``, ``scorer="cls"``), before the model is touched."""
-    if cfg.name in UNSUPPORTED_METHODS:
-        raise ValueError(f"method {cfg.name!r} does not run on LLaVA-OneVision: {UNSUPPORTED_METHODS[cfg.name]}")
-    if cfg.where == "vision":
-        scoring.resolve_scorer(getattr(cfg, "scorer", "auto"), has_cls=False, tower=TOWER)
-    if getattr(cfg, "layout", None) == "authors" and "layout" in cfg.option_names():
-        cfg = dataclasses.replace(cfg, layout="spatial")
-    return cfg
+    return ADAPTER.resolve(cfg, config)
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class Geometry:
     def layout(self, image_size: tuple[int, int]) -> Layout:
         """Unpadded box, emitted map (stock's anyres_max rule) and slots of one image's crop tokens."""
         grid, s = self.grid(image_size), self.side
-        box = core.unpadded_box(grid, s, image_size, round_digits=7)
+        box = core.unpadded_box(grid, s, image_size, round_digits=TRANSFORMERS_UNPAD_DIGITS)
         h, w = box[1] - box[0], box[3] - box[2]
         ratio = math.sqrt(h * w / (self.max_views * s**2))
         eh, ew = (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
@@ -240,6 +244,12 @@ def _context_geometry(lay: Layout | None, side: int, device=None):
 # --------------------------------------------------------------------------------------------
 
 
+def feature_layer(model: nn.Module, layer=None) -> int | list[int]:
+    """The validated ``vision_feature_layer`` (call-time ``layer`` or the config's), see ``towers.feature_layer``."""
+    n = len(towers.encoder_layers(model.model.vision_tower))
+    return towers.feature_layer(model.config.vision_feature_layer, layer, n)
+
+
 def check_call(model: nn.Module, kwargs: dict) -> None:
     """Raise ValueError for call options compression cannot honour (video inputs), before any work."""
     if kwargs.get("pixel_values_videos") is not None:
@@ -275,8 +285,8 @@ def check_vision_inputs(model: nn.Module, pixel_values, vision_kwargs: dict):
     """
     cfg = model.config
     check_call(model, vision_kwargs)
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values must be a float tensor from the processor, got {type(pixel_values).__name__}")
+    check_pixel_values(pixel_values)
+    check_channels(pixel_values, cfg.vision_config.num_channels)
     strategy = vision_kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
     if strategy != "full":
         raise ValueError(
@@ -284,7 +294,7 @@ def check_vision_inputs(model: nn.Module, pixel_values, vision_kwargs: dict):
             f"[CLS] token to drop), got {strategy!r}"
         )
     geo = Geometry.from_config(cfg, vision_kwargs.get("vision_aspect_ratio"))
-    sizes = _image_sizes_list(vision_kwargs.get("image_sizes"))
+    sizes = image_sizes_list(vision_kwargs.get("image_sizes"))
     counts = _batch_num_images(vision_kwargs.get("batch_num_images"), len(sizes))
     patched = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
     n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] if p else 1 for s, p in zip(sizes, patched)]
@@ -330,29 +340,28 @@ def virtual_views(
     return torch.cat([features[:1], crop_f]), torch.cat([scores[:1], crop_s])
 
 
-def encode_views(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, vision_kwargs: dict):
-    """Run the vision tower once over every view of every image and rate every token.
+def encode_views(model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, vision_kwargs: dict) -> EncodedViews:
+    """Run the vision tower once over every view of every image and rate every token by ``cfg.requires``.
 
-    returns: (features, scores, sizes, patched, hidden_states, n_views): per image (V_i, N, D_llm) projected
-    features and (V_i, N) float32 scores by ``cfg.scorer`` of its ``score_source`` layer.
+    ``geometry`` of the result: per image its emitted crop ``Layout``, or None for a single-view image of a
+    multi-image prompt.
     """
-    pixel_values, sizes, patched, n_views, layer, _ = check_vision_inputs(model, pixel_values, vision_kwargs)
+    pixel_values, sizes, patched, n_views, layer, geo = check_vision_inputs(model, pixel_values, vision_kwargs)
     tower = model.model.vision_tower
-    out = tower(pixel_values, output_hidden_states=True, return_dict=True)
-    hs = out.hidden_states
-    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
-    feats = model.model.multi_modal_projector(feats)  # (sum V, N, D_llm)
-    score_layer, kind = cfg.score_source
-    score_layer = layer if score_layer is None else score_layer
-    if not isinstance(score_layer, int):
+    hs = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+    feats = model.model.multi_modal_projector(towers.features_of(hs, layer))  # (sum V, N, D_llm)
+    req = cfg.requires
+    index = layer if req.score_layer is None else req.score_layer
+    if not isinstance(index, int):
         raise ValueError(
             f"vision_feature_layer must be one int with method {cfg.name!r} (it rates tokens by the feature "
-            f"layer), got {score_layer!r}"
+            f"layer), got {index!r}"
         )
-    scorer = scoring.resolve_scorer(getattr(cfg, "scorer", "auto"), has_cls=False, tower=TOWER)
+    scorer = scoring.resolve_scorer(req.scorer, has_cls=False, tower=TOWER)
     with torch.no_grad():  # scores only rank tokens; gradients flow through the kept features as in stock
-        scores = tower_scores(tower, hs, scorer, kind, score_layer, has_cls=False)  # (sum V, N)
-    return list(feats.split(n_views)), list(scores.split(n_views)), sizes, patched, hs, n_views
+        scores = towers.tower_scores(tower, hs, scorer, req.score, index, has_cls=False)  # (sum V, N)
+    layouts = [geo.layout(s) if p else None for s, p in zip(sizes, patched)]
+    return EncodedViews(list(feats.split(n_views)), list(scores.split(n_views)), hs, n_views, sizes, layouts)
 
 
 def select_image(
@@ -365,54 +374,45 @@ def select_image(
     if "features" in cfg.needs:
         inputs["features"] = views
     ctx = ImageContext(scores=vscores, side=side, grid=grid, valid=valid, box=box, image_index=index, **inputs)
-    sel = cfg.select(ctx)
-    order = cfg.order(sel, ctx)
-    return ImageRecord(tuple(image_size), grid, side, valid, sel, order, vscores), views
-
-
-def emit(model: nn.Module, rec: ImageRecord, views: torch.Tensor) -> torch.Tensor:
-    """(T, D_llm) tokens the language model receives for one image: ``concat(views.flatten(0, 1), newline)``
-    gathered by ``rec.order``. views: (1 + n, N, D_llm) as ``virtual_views`` builds them."""
-    parts = [views.flatten(0, 1), model.model.image_newline[None].to(views.device, views.dtype)]
-    return torch.cat(parts, dim=0)[rec.order.to(views.device)]
+    return select_in_context(cfg, ctx, tuple(image_size), features.shape[0])[2], views
 
 
 def compress(
-    model: nn.Module,
-    cfg: MethodConfig,
-    pixel_values: torch.Tensor,
-    vision_kwargs: dict,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-):
+    model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes=None,
+    input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **vision_kwargs,
+) -> Compressed:  # fmt: skip
     """Visual tokens for the LLM, per image, plus a record of what was kept.
 
-    vision_kwargs: ``image_sizes`` (and ``batch_num_images``, the vision overrides) from the processor.
-    returns: (features, records): per image a (T_i, D_llm) tensor and an ``ImageRecord``.
+    vision_kwargs: ``batch_num_images`` and the vision overrides, from the processor / the call.
+    returns: ``Compressed(features, records)``: per image a (T_i, D_llm) tensor and an ``ImageRecord``.
     """
-    cfg = method_config(cfg)
-    feats, scores, sizes, patched, hs, n_views = encode_views(model, cfg, pixel_values, vision_kwargs)
+    vision_kwargs = {**vision_kwargs, "image_sizes": image_sizes}
+    cfg = ADAPTER.resolve(cfg, model.config)
+    enc = encode_views(model, cfg, pixel_values, vision_kwargs)
     geo = Geometry.from_config(model.config, vision_kwargs.get("vision_aspect_ratio"))
-    texts = [None] * len(sizes)
-    if "text" in cfg.needs and input_ids is not None:
-        stock = [geo.stock_tokens(s, not p) for s, p in zip(sizes, patched)]
+    if "text" in cfg.needs:
+        if input_ids is None:
+            raise ValueError(
+                f"method {cfg.name!r} ranks visual tokens against the prompt's text: pass input_ids (and "
+                "attention_mask) with pixel_values"
+            )
+        stock = [geo.stock_tokens(s, lay is None) for s, lay in zip(enc.sizes, enc.geometry)]
         texts = text_embeddings(model, input_ids, attention_mask, stock)
     newline = model.model.image_newline
     out, records = [], []
-    for i, (f, s, size, p) in enumerate(zip(feats, scores, sizes, patched)):  # loop over images
+    for i, (f, s, size, lay) in enumerate(zip(enc.features, enc.scores, enc.sizes, enc.geometry)):  # images
         extra = {"newline": newline.to(f.device, f.dtype)} if "features" in cfg.needs else {}
         if "text" in cfg.needs:
             extra["text"] = texts[i]
-        lay = geo.layout(size) if p else None
         rec, views = select_image(cfg, f, s, size, lay, geo.side, index=i, **extra)
-        out.append(emit(model, rec, views))
+        out.append(emit(views, rec.order, newline))
         records.append(rec)
-    return out, records
+    return Compressed(out, records)
 
 
 @torch.no_grad()
-def stock_features(model: nn.Module, pixel_values: torch.Tensor, vision_kwargs: dict):
-    """Stock OneVision visual tokens per image (the model's own vision path). returns (features, sizes, patched)."""
+def stock_features(model: nn.Module, pixel_values: torch.Tensor, vision_kwargs: dict) -> list[torch.Tensor]:
+    """Stock OneVision visual tokens per image (the model's own vision path)."""
     _, sizes, patched, _, layer, geo = check_vision_inputs(model, pixel_values, vision_kwargs)
     dev = pixel_values.device
     counts = vision_kwargs.get("batch_num_images")
@@ -426,27 +426,7 @@ def stock_features(model: nn.Module, pixel_values: torch.Tensor, vision_kwargs: 
         return_dict=True,
         output_hidden_states=True,
     )
-    return list(out.pooler_output), sizes, patched
-
-
-def prepare_images(
-    model: nn.Module,
-    cfg: MethodConfig,
-    pixel_values: torch.Tensor,
-    vision_kwargs: dict,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-):
-    """The adapter's entry point for a patched call.
-
-    returns: (features per image (T_i, D_llm), stock placeholder count per image, records or None).
-    """
-    _, sizes, patched, _, _, geo = check_vision_inputs(model, pixel_values, vision_kwargs)  # no tower run
-    if cfg.where == "llm":
-        feats, records = stock_features(model, pixel_values, vision_kwargs)[0], None
-    else:
-        feats, records = compress(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
-    return feats, [geo.stock_tokens(s, not p) for s, p in zip(sizes, patched)], records
+    return list(out.pooler_output)
 
 
 def geometry_context(cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
@@ -475,3 +455,61 @@ def patch_masks(rec: ImageRecord, config) -> tuple[torch.Tensor, torch.Tensor]:
     kept[top:bottom, left:right] = slots_kept[lay.rows[cell_r][:, None], lay.cols[cell_c][None, :]]
     content = core.crops_to_grid(core.box_mask(lay.box, lay.grid, s), lay.grid, s)
     return kept, content
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
+
+
+class LlavaOnevisionAdapter(FamilyAdapter):
+    """LLaVA-OneVision: SigLIP without [CLS], base view + AnyRes crops, unpadding and anyres_max downscale."""
+
+    family = FAMILY
+    display_name = "LLaVA-OneVision"
+    model_classes = SUPPORTED_CLASSES
+    config_classes = CONFIG_CLASSES
+    vision_kwargs = VISION_KWARGS
+    has_cls = HAS_CLS
+    tower_name = TOWER
+    unsupported_methods = UNSUPPORTED_METHODS
+    checkpoints = ("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+
+    check_config = staticmethod(check_config)
+    check_model = staticmethod(check_model)
+    compress_images = staticmethod(compress)
+
+    def check_call(self, model: nn.Module, kwargs: dict) -> None:
+        """Video inputs are refused (``check_call``)."""
+        check_call(model, kwargs)
+
+    def resolve(self, cfg: MethodConfig, config) -> MethodConfig:
+        """``layout="authors"`` runs as ``"spatial"`` (stock OneVision's layout); visionzip and scorer="cls" refused."""
+        cfg = super().resolve(cfg, config)
+        if cfg.requires.layout == "authors" and "layout" in cfg.option_names():
+            cfg = dataclasses.replace(cfg, layout="spatial")
+        return cfg
+
+    def stock_counts(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[int]:
+        """Base view + emitted crop map + newlines (a multi-image prompt's image: base view + one newline)."""
+        _, sizes, patched, _, _, geo = check_vision_inputs(model, pixel_values, vision_kwargs)  # no tower run
+        return [geo.stock_tokens(s, not p) for s, p in zip(sizes, patched)]
+
+    def stock_features(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[torch.Tensor]:
+        """See ``stock_features``."""
+        return stock_features(model, pixel_values, vision_kwargs)
+
+    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
+        """Zero-score context of one single-image-prompt image (emitted crop map slots)."""
+        return geometry_context(cfg, config, image_size)
+
+    def stock_token_count(self, config, image_size: tuple[int, int]) -> int:
+        """Base view + emitted crop map + one newline per emitted row."""
+        return Geometry.from_config(config).stock_tokens(image_size)
+
+    def patch_masks(self, rec: ImageRecord, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept emitted tokens drawn over the patches they pool (``patch_masks``)."""
+        return patch_masks(rec, config)
+
+
+ADAPTER = LlavaOnevisionAdapter()

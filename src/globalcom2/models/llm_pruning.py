@@ -186,25 +186,44 @@ def _unchanged(out: Stage, hidden: torch.Tensor, key_mask: torch.Tensor, positio
     )
 
 
-@contextlib.contextmanager
-def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Iterator[_CallState]:
-    """Install the pruning hooks for one call. ``plan`` is an in-LLM method config.
+class _Hooks:
+    """The pre-hooks of one call, in the order a forward pass meets them: the language model's (a new prompt or a
+    decoding step), each decoder layer's (shorten at a pruning layer; masks and rotary for the shortened
+    layers), the ``k_proj`` of each layer before a pruning layer (its keys, captured as it runs)."""
 
-    spans: per batch row, the [start, end) positions of every image's tokens in the LM input.
-    """
-    lm = model.model.language_model
-    layers = lm.layers
-    impl = getattr(model.config.text_config, "_attn_implementation", "sdpa")
-    eager = impl == "eager"
-    if impl not in ("eager", "sdpa"):
-        raise ValueError(
-            f"in-LLM methods support attn_implementation 'eager' or 'sdpa', the language model uses {impl!r}"
-        )
-    prune_at = set(plan.prune_layers(len(layers)))
-    state = _CallState()
-    handles = []
+    def __init__(self, model: nn.Module, plan, spans: list[list[tuple[int, int]]], lm: nn.Module) -> None:
+        self.plan, self.spans, self.lm = plan, spans, lm
+        self.layers = lm.layers
+        impl = getattr(model.config.text_config, "_attn_implementation", "sdpa")
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(
+                f"in-LLM methods support attn_implementation 'eager' or 'sdpa', the language model uses {impl!r}"
+            )
+        self.eager = impl == "eager"
+        self.prune_at = set(plan.prune_layers(len(self.layers)))
+        self.state = _CallState()
+        self.handles: list = []
 
-    def lm_hook(_mod, args, kwargs):
+    # -- installation ----------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Register every hook (removed by ``remove``)."""
+        self.handles.append(self.lm.register_forward_pre_hook(self.on_language_model, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            if i + 1 in self.prune_at:
+                self.handles.append(layer.self_attn.k_proj.register_forward_hook(self.on_keys))
+
+    def remove(self) -> None:
+        """Remove every hook: the model carries no state after the call."""
+        for h in self.handles:
+            h.remove()
+
+    # -- the language model: a new prompt or a decoding step ---------------------------------------
+
+    def on_language_model(self, _mod, args, kwargs):
+        """Start of a forward of the decoder stack: a prompt (reset, mark the visual tokens) or a decoding step."""
+        state = self.state
         embeds = kwargs.get("inputs_embeds")
         state.lm_mask = kwargs.get("attention_mask")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -214,61 +233,80 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         if not state.is_prefill and embeds is not None:
             state.decoded += embeds.shape[1]
         if state.is_prefill:  # a new prompt (or a cache-less step re-running the whole sequence)
-            state.pruned_from, state.decoded, state.stage_masks = None, 0, {}
-            b, length = embeds.shape[:2]
-            mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
-            state.prompt_len = length
-            state.key_mask = mask.to(embeds.device)
-            pos = kwargs.get("position_ids")
-            state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
-            vis = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
-            expand = b // max(len(spans), 1)  # beams / num_return_sequences repeat each row
-            for row, row_spans in enumerate(s for s in spans for _ in range(expand)):
-                for s, e in row_spans:
-                    vis[row, s:e] = True
-            state.visual = vis
-            state.n_visual_full = vis.sum(1)
-            state.prompt = (embeds, state.key_mask, vis, state.positions)
+            self._start_prompt(embeds, kwargs.get("position_ids"))
         return None
 
-    def make_layer_hook(idx: int):
+    def _start_prompt(self, embeds: torch.Tensor, pos: torch.Tensor | None) -> None:
+        """Reset the call state for a prompt of ``embeds`` (B, L, D): key mask, positions, visual tokens."""
+        state = self.state
+        state.pruned_from, state.decoded, state.stage_masks = None, 0, {}
+        b, length = embeds.shape[:2]
+        mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
+        state.prompt_len = length
+        state.key_mask = mask.to(embeds.device)
+        state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
+        vis = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
+        expand = b // max(len(self.spans), 1)  # beams / num_return_sequences repeat each row
+        for row, row_spans in enumerate(s for s in self.spans for _ in range(expand)):
+            for s, e in row_spans:
+                vis[row, s:e] = True
+        state.visual = vis
+        state.n_visual_full = vis.sum(1)
+        state.prompt = (embeds, state.key_mask, vis, state.positions)
+
+    # -- decoder layers ----------------------------------------------------------------------------
+
+    def _layer_hook(self, idx: int):
         def hook(layer, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if state.is_prefill:
-                if idx in prune_at:
-                    hidden = _prune(idx, hidden, kwargs)
-                    if args:
-                        args = (hidden, *args[1:])
-                    else:
-                        kwargs["hidden_states"] = hidden
-                if state.pruned_from is not None and idx >= state.pruned_from:
-                    kwargs["attention_mask"] = _layer_mask(state.key_mask, hidden.shape[1], hidden.dtype, eager)
-                    kwargs["position_embeddings"] = state.cos_sin
-                    kwargs["position_ids"] = state.positions
-                if idx + 1 in prune_at:  # its k_proj output is captured by key_hook as the layer runs
-                    state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"], "keys": None}
-            elif state.pruned_from is not None and idx >= state.pruned_from:
-                # keys of a pruned layer: its shortened prompt, then every token decoded so far
-                new = state.lm_mask[:, state.prompt_len :] if state.lm_mask is not None else None
-                if new is None or new.shape[1] != state.decoded:
-                    new = torch.ones(hidden.shape[0], state.decoded, dtype=torch.bool, device=hidden.device)
-                start = max(k for k in state.stage_masks if k <= idx)  # this layer's pruning stage
-                if start not in state.step_masks:  # one mask per stage and step, shared by its layers
-                    prompt_keys = state.stage_masks[start]
-                    keys = torch.cat([prompt_keys, new.bool().to(prompt_keys.device)], dim=1)
-                    state.step_masks[start] = _layer_mask(keys, hidden.shape[1], hidden.dtype, eager)
-                kwargs["attention_mask"] = state.step_masks[start]
+            if self.state.is_prefill:
+                hidden = self._prefill_layer(idx, hidden, kwargs)
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
+            elif self.state.pruned_from is not None and idx >= self.state.pruned_from:
+                kwargs["attention_mask"] = self._decode_mask(idx, hidden)
             return args, kwargs
 
         return hook
 
-    def key_hook(_mod, _args, out):
-        if state.is_prefill and "keys" in state.prev_input:
-            state.prev_input["keys"] = out  # (B, L, Hkv * hd): k_proj of the layer before a pruning layer
+    def _prefill_layer(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """At prefill: shorten the input of a pruning layer; give shortened layers their mask and rotary."""
+        state = self.state
+        if idx in self.prune_at:
+            hidden = self._prune(idx, hidden)
+        if state.pruned_from is not None and idx >= state.pruned_from:
+            kwargs["attention_mask"] = _layer_mask(state.key_mask, hidden.shape[1], hidden.dtype, self.eager)
+            kwargs["position_embeddings"] = state.cos_sin
+            kwargs["position_ids"] = state.positions
+        if idx + 1 in self.prune_at:  # its k_proj output is captured by on_keys as the layer runs
+            state.prev_input = {"hidden": hidden, "cos_sin": kwargs["position_embeddings"], "keys": None}
+        return hidden
 
-    def _prune(idx, hidden, kwargs):
-        prev = state.prev_input
-        prev_layer = layers[idx - 1]
+    def _decode_mask(self, idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """A decoding step's mask for a shortened layer: its stage's prompt keys, then every decoded token."""
+        state = self.state
+        new = state.lm_mask[:, state.prompt_len :] if state.lm_mask is not None else None
+        if new is None or new.shape[1] != state.decoded:
+            new = torch.ones(hidden.shape[0], state.decoded, dtype=torch.bool, device=hidden.device)
+        start = max(k for k in state.stage_masks if k <= idx)  # this layer's pruning stage
+        if start not in state.step_masks:  # one mask per stage and step, shared by its layers
+            prompt_keys = state.stage_masks[start]
+            keys = torch.cat([prompt_keys, new.bool().to(prompt_keys.device)], dim=1)
+            state.step_masks[start] = _layer_mask(keys, hidden.shape[1], hidden.dtype, self.eager)
+        return state.step_masks[start]
+
+    def on_keys(self, _mod, _args, out):
+        """``k_proj`` output (B, L, Hkv * hd) of the layer before a pruning layer, kept for the method."""
+        if self.state.is_prefill and "keys" in self.state.prev_input:
+            self.state.prev_input["keys"] = out
+
+    # -- one pruning stage -------------------------------------------------------------------------
+
+    def _context(self, idx: int, hidden: torch.Tensor) -> PruneContext:
+        """What the method sees at pruning layer ``idx``: attention/keys of layer ``idx - 1``, the sequence."""
+        state, prev, prev_layer = self.state, self.state.prev_input, self.layers[idx - 1]
 
         def probs(queries: torch.Tensor) -> torch.Tensor:
             return attention_probs(
@@ -281,9 +319,9 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
                 k = prev_layer.self_attn.k_proj(prev_layer.input_layernorm(prev["hidden"]))
             return rotary_keys(k, prev["cos_sin"], prev_layer.self_attn.head_dim)
 
-        ctx = PruneContext(
+        return PruneContext(
             layer_idx=idx,
-            stage=sorted(prune_at).index(idx),
+            stage=sorted(self.prune_at).index(idx),
             hidden=hidden,
             key_mask=state.key_mask,
             positions=state.positions,
@@ -291,11 +329,15 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
             probs=probs,
             n_visual_full=state.n_visual_full,
             prompt=state.prompt,
-            num_layers=len(layers),
+            num_layers=len(self.layers),
             keys=keys,
-            norm=lm.norm,
+            norm=self.lm.norm,
         )
-        out: Stage = plan.prune(ctx)
+
+    def _prune(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the method at layer ``idx`` and re-align its rows (left padding); the new input of the layer."""
+        state, plan = self.state, self.plan
+        out: Stage = plan.prune(self._context(idx, hidden))
         state.prev_input = {}
         empty = [row for row, h in enumerate(out.hidden) if h.shape[0] == 0]
         if empty:
@@ -310,19 +352,25 @@ def pruning(model: nn.Module, plan, spans: list[list[tuple[int, int]]]) -> Itera
         new_hidden = _pad_left(out.hidden)
         state.positions = _pad_left(out.positions)
         state.visual = _pad_left(out.visual, False)
-        state.cos_sin = lm.rotary_emb(new_hidden, position_ids=state.positions)
+        state.cos_sin = self.lm.rotary_emb(new_hidden, position_ids=state.positions)
         if state.pruned_from is None:
             state.pruned_from = idx
         state.stage_masks[idx] = state.key_mask
         return new_hidden
 
-    handles.append(lm.register_forward_pre_hook(lm_hook, with_kwargs=True))
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(make_layer_hook(i), with_kwargs=True))
-        if i + 1 in prune_at:
-            handles.append(layer.self_attn.k_proj.register_forward_hook(key_hook))
+
+@contextlib.contextmanager
+def pruning(
+    model: nn.Module, plan, spans: list[list[tuple[int, int]]], lm: nn.Module | None = None
+) -> Iterator[_CallState]:
+    """Install the pruning hooks for one call. ``plan`` is an in-LLM method config.
+
+    spans: per batch row, the [start, end) positions of every image's tokens in the LM input.
+    lm: the decoder stack (default ``model.model.language_model``).
+    """
+    hooks = _Hooks(model, plan, spans, model.model.language_model if lm is None else lm)
+    hooks.install()
     try:
-        yield state
+        yield hooks.state
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()

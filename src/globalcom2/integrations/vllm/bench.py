@@ -23,9 +23,9 @@ import tempfile
 import time
 from typing import Any
 
-from ...flops import LMShape, prefill_flops
 from ...models.llava_next import Geometry
-from ...tiny import demo_image, tiny_config, tiny_model, tiny_processor
+from ...testing import demo_image, tiny_config, tiny_model, tiny_processor
+from ...tools.flops import LMShape, prefill_flops
 from .checkpoint import save_llava_hf_checkpoint
 from .options import ARCHITECTURE
 

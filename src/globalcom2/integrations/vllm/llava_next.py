@@ -31,7 +31,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...budget import num_image_tokens
+from ...core import scoring
 from ...models import llava_next as adapter
+from ...models import towers
 from .options import method_config
 from .select import image_tokens
 
@@ -87,7 +89,8 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         vc = config.vision_config
         n_layers = vc.num_hidden_layers
         feature_pos = config.vision_feature_layer % (n_layers + 1)  # index into (embeddings, layer 1..L) outputs
-        layer, self._score_kind = self.globalcom2_config.score_source
+        req = self.globalcom2_config.requires
+        layer, self._score_kind = req.score_layer, req.score
         layer = config.vision_feature_layer if layer is None else layer
         score_hs = layer % (n_layers + 1)  # as the HF path reads it: index into (embeddings, layer 1..L) outputs
         if score_hs == 0:
@@ -121,7 +124,12 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         h = vm.pre_layrnorm(vm.embeddings(pixel_values))  # (V, 1+N, D_v)
         hs = vm.encoder(inputs_embeds=h, return_all_hidden_states=True)  # [embeddings, layer 1..L'] (V, 1+N, D_v)
         feats = self.multi_modal_projector(hs[self._feature_pos][:, 1:])  # (V, N, D_llm)
-        scores = adapter._cls_scores(self._score_tower, hs, self._score_kind, self._score_pos + 1)  # (V, N)
+        score = self.globalcom2_score  # the score layer's replicated layer_norm1 / q_proj / k_proj
+        attn = score.self_attn
+        x = score.layer_norm1(hs[self._score_pos])  # (V, 1+N, D_v) the score layer's normed input
+        scores = scoring.cls_scores_from_input(
+            x, attn.q_proj, attn.k_proj, attn.num_heads, attn.scale, self._score_kind
+        )
         return feats, scores, hs
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
@@ -140,7 +148,7 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         if "hidden" in cfg.needs:  # VisionZip: the feature layer's hidden states, [CLS] first
             hidden = list(hs[self._feature_pos].split(n_views))
         if "keys" in cfg.needs:  # VisionZip's merge metric: the score layer's head-averaged keys
-            keys = list(adapter._layer_keys(self._score_tower, hs, self._score_pos).split(n_views))
+            keys = list(towers.layer_keys(self._score_tower, hs, self._score_pos + 1).split(n_views))
         return image_tokens(
             cfg, geo, list(feats.split(n_views)), list(scores.split(n_views)), sizes, self.image_newline,
             self.multi_modal_projector, hidden, keys,

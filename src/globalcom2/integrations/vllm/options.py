@@ -35,7 +35,7 @@ def method_config(hf_config: Any) -> MethodConfig:
         raise TypeError(f"hf_overrides[{KEY!r}]['method'] must be a method name, got {method!r}")
     cfg = make_config(method, **options)
     if cfg.where == "llm":
-        other = "form" in cfg.option_names()  # a method with a vision-side form (DART's form='embedding')
+        other = "embedding" in cfg.forms  # a method with a vision-side form (DART's form='embedding')
         raise ValueError(
             f"method {cfg.name!r} prunes inside the language model; the vLLM plugin serves the vision-side "
             "methods, whose token count vLLM can reserve from the image size"
@@ -50,10 +50,10 @@ def method_config(hf_config: Any) -> MethodConfig:
             "cannot serve it. Use globalcom2.apply on the Hugging Face model, or a method that reads the image "
             "alone (globalcom2, fastervlm, visionzip, divprune, composed with those selectors)"
         )
-    if getattr(cfg, "scorer", "auto") not in ("auto", "cls"):
+    if cfg.requires.scorer not in ("auto", "cls"):
         raise ValueError(
-            f"scorer={cfg.scorer!r}: the vLLM plugin rates tokens by their [CLS] attention (scorer 'auto' or 'cls'); "
-            "the other scorers run on the Hugging Face path (globalcom2.apply)"
+            f"scorer={cfg.requires.scorer!r}: the vLLM plugin rates tokens by their [CLS] attention (scorer 'auto' "
+            "or 'cls'); the other scorers run on the Hugging Face path (globalcom2.apply)"
         )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")

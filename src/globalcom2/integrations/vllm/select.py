@@ -12,6 +12,7 @@ import torch
 
 from ...methods import MethodConfig
 from ...models import llava_next as adapter
+from ...models.base import emit
 
 #: ``ImageContext`` inputs the vLLM model can give a method: an image's embedding is computed (and cached)
 #: without its prompt, so the prompt's text ("text") is not among them.
@@ -46,9 +47,7 @@ def image_tokens(
         if "keys" in cfg.needs:
             inputs["keys"] = keys[i]
         rec = adapter.select_image(cfg, s, size, geo, **inputs)  # index 0: tokens never depend on the batch
-        parts = [f.flatten(0, 1), newline[None].to(f.dtype)]  # (V_i N + 1, D_llm)
         extra = rec.selection.extra
-        if extra is not None and extra.shape[0]:
-            parts.append(projector(extra.to(f.dtype)).to(f.dtype))  # (M, D_llm) merged tokens
-        out.append(torch.cat(parts)[rec.order.to(f.device)])  # (K_i, D_llm)
+        merged = projector(extra.to(f.dtype)).to(f.dtype) if extra is not None and extra.shape[0] else None
+        out.append(emit(f, rec.order, newline, merged))  # (K_i, D_llm), as the HF path's compress emits it
     return out

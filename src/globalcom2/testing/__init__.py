@@ -1,0 +1,43 @@
+"""Offline stand-ins for tests, demos and benchmarks: tiny random-weight models of every supported family,
+processors and tokenizers built in memory, and generated test images. Nothing here downloads anything.
+
+>>> from globalcom2.testing import demo_image, tiny_model, tiny_processor
+"""
+
+from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
+from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_internvl_processor
+from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
+
+
+
+def _demo_llava_next():
+    return tiny_model(**DEMO_SHAPE), tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+
+
+def _demo_llava_onevision():
+    return tiny_onevision_model(), tiny_onevision_processor()
+
+
+def _demo_internvl():
+    return tiny_internvl_model(), tiny_internvl_processor()
+
+
+#: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools;
+#: a new family adds its entry here
+DEMO_MODELS = {"llava_next": _demo_llava_next, "llava_onevision": _demo_llava_onevision, "internvl": _demo_internvl}
+
+__all__ = [
+    "DEMO_MODELS",
+    "DEMO_SHAPE",
+    "demo_image",
+    "tiny_config",
+    "tiny_model",
+    "tiny_processor",
+    "tiny_tokenizer",
+    "tiny_internvl_config",
+    "tiny_internvl_model",
+    "tiny_internvl_processor",
+    "tiny_onevision_config",
+    "tiny_onevision_model",
+    "tiny_onevision_processor",
+]
