@@ -80,13 +80,18 @@ class GlobalCom2LlavaNext(lmms):
     ) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for --batch_size auto, which this model does not do
-        import transformers
-        from accelerate import Accelerator
-        from transformers import AutoConfig, AutoProcessor
-
-        from ...models import FAMILIES, adapter_for
-
         self.choice = opts.method_choice(method, **method_options)  # validate before loading anything
+        self._set_prompting(conv_template, chat_template)
+        self.batch_size_per_gpu = opts.batch_size_arg(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.use_cache = bool(opts.coerce(use_cache))
+        self._set_device(device)
+        self.pretrained = str(pretrained)
+        self._load(self.pretrained, dtype, attn_implementation, bool(opts.coerce(local_files_only)))
+        logger.info(f"globalcom2: {self.pretrained} on {self._device}, method={self.method_label}")
+
+    def _set_prompting(self, conv_template: str, chat_template: str | None) -> None:
+        """The conversation template (validated) and a chat template given inline or as a file."""
         if conv_template not in opts.CONV_TEMPLATES:
             raise ValueError(f"conv_template must be one of ({', '.join(opts.CONV_TEMPLATES)}), got {conv_template!r}")
         self.conv_template = conv_template
@@ -94,23 +99,29 @@ class GlobalCom2LlavaNext(lmms):
             with open(str(chat_template), encoding="utf-8") as f:
                 chat_template = f.read()
         self.chat_template = chat_template
-        self.batch_size_per_gpu = opts.batch_size_arg(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        self.use_cache = bool(opts.coerce(use_cache))
-        local_files_only = bool(opts.coerce(local_files_only))
+
+    def _set_device(self, device: str | None) -> None:
+        """One full model per process: accelerate's data parallel (``accelerate launch``) or ``device``."""
+        from accelerate import Accelerator
 
         accelerator = Accelerator()
-        if accelerator.num_processes > 1:  # data parallel: one full model per process (accelerate launch)
+        if accelerator.num_processes > 1:
             self._device = torch.device(f"cuda:{accelerator.local_process_index}")
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.accelerator = accelerator
 
-        pretrained = str(pretrained)
+    def _load(self, pretrained: str, dtype: str, attn_implementation: str | None, local_files_only: bool) -> None:
+        """The checkpoint's family picks the model class; the method is applied unless it is the stock row."""
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
+
+        from ...models import FAMILIES, adapter_for
+
         load = {"local_files_only": local_files_only}
         config = AutoConfig.from_pretrained(pretrained, **load)
-        try:  # the family's adapter picks the model class (LLaVA-NeXT, LLaVA-OneVision, ...)
+        try:
             family = adapter_for(config, "pretrained")
         except TypeError:
             types = ", ".join(repr(f.family) for f in FAMILIES)
@@ -130,8 +141,6 @@ class GlobalCom2LlavaNext(lmms):
         self.processor = AutoProcessor.from_pretrained(pretrained, **load)
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation
-        self.pretrained = pretrained
-        logger.info(f"globalcom2: {pretrained} on {self._device}, method={self.method_label}")
 
     # ---------------------------------------------------------------- lmms-eval's accessors
 
