@@ -4,9 +4,10 @@ Two overrides make vLLM serve a compressed model with no change to vLLM itself:
 
 * the processing info returns ``globalcom2.num_image_tokens`` for each image size, so vLLM expands
   ``<image>`` into exactly K placeholders and sizes the KV cache for K;
-* the image embedding runs the vision tower, recomputes the [CLS] attention row of the score layer
-  the way the HF path does (``globalcom2.models.llava_next._cls_scores``), selects with the very same
-  code (``select_image`` -> the method registry) and returns those K features per image.
+* the image embedding (vLLM's public ``embed_multimodal`` hook) runs the vision tower, recomputes the
+  [CLS] attention row of the score layer the way the HF path does
+  (``globalcom2.models.llava_next._cls_scores``), selects with the very same code (``select_image`` ->
+  the method registry) and returns those K features per image.
 
 vLLM builds the CLIP tower only up to ``vision_feature_layer`` and drops the later layers' weights.
 GlobalCom² scores tokens with the *last* layer's [CLS] attention, so the loader keeps that layer's
@@ -124,14 +125,19 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         scores = adapter._cls_scores(self._score_tower, hs, self._score_kind, self._score_pos + 1)  # (V, N)
         return feats, scores, hs
 
-    def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
-        """Per image, the (K_i, D_llm) features the method keeps, K_i = ``num_image_tokens`` of its size."""
-        if image_input["type"] == "image_embeds":
-            return image_input["data"]
-        pixel_values = image_input["pixel_values"]  # (B, V_max, C, H, W) or B x (V_i, C, H, W)
-        if image_input.get("image_sizes") is None:
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        """Per image, the (K_i, D_llm) features the method keeps, K_i = ``num_image_tokens`` of its size.
+
+        vLLM's public multimodal hook (``SupportsMultiModal.embed_multimodal``): the runner calls it with
+        one modality's batched kwargs, ``pixel_values`` (B, V_max, C, H, W) or B x (V_i, C, H, W) and
+        ``image_sizes`` (B, 2). Precomputed ``image_embeds`` go to vLLM's model unchanged.
+        """
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return super().embed_multimodal(**kwargs)
+        if kwargs.get("image_sizes") is None:
             raise ValueError("image_sizes are required: the token selection depends on each image's (height, width)")
-        sizes = [tuple(int(x) for x in s) for s in torch.as_tensor(image_input["image_sizes"]).tolist()]
+        sizes = [tuple(int(x) for x in s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
         geo, cfg = self._geometry, self.globalcom2_config
         n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
         views = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)])  # (sum V_i, C, H, W)
