@@ -12,10 +12,10 @@ lazily (by its import path), so loading the plugin costs nothing in processes th
 
 from __future__ import annotations
 
-from .checkpoint import save_llava_hf_checkpoint
+from .checkpoint import save_llava_hf_checkpoint, save_vllm_checkpoint
 from .options import ARCHITECTURE, method_config
 
-__all__ = ["ARCHITECTURE", "register", "method_config", "save_llava_hf_checkpoint"]
+__all__ = ["ARCHITECTURE", "register", "method_config", "save_llava_hf_checkpoint", "save_vllm_checkpoint"]
 
 _MODEL_PATH = "globalcom2.integrations.vllm.llava_next:GlobalCom2LlavaNextForConditionalGeneration"
 
