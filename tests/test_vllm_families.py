@@ -61,7 +61,9 @@ def _vllm(path: str, prompt: str) -> list[tuple[int, list[int]]]:
     llm = LLM(path, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0, limit_mm_per_prompt={"image": 1})
     try:
         reqs = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in _images()]
-        outs = llm.generate(reqs, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        outs = llm.generate(
+            reqs, SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        )
         return [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
     finally:
         del llm

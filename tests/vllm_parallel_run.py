@@ -52,7 +52,9 @@ def main(argv: list[str]) -> None:
     )
     imgs = [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(sizes)]
     reqs = [{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in imgs]
-    outs = llm.generate(reqs, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(
+        reqs, SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    )
     result = {
         "prompt_ids": [list(o.prompt_token_ids) for o in outs],
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
