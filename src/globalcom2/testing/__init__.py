@@ -9,9 +9,9 @@ from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_inter
 from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
 
 
-
 def _demo_llava_next():
-    return tiny_model(**DEMO_SHAPE), tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+    processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+    return tiny_model(**DEMO_SHAPE), processor
 
 
 def _demo_llava_onevision():

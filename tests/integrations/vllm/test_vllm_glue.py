@@ -179,3 +179,72 @@ def test_vllm_selection_glue_gives_the_hf_tokens(name, options):
     for o, r, size in zip(out, ref, sizes):
         assert torch.equal(o, r)
         assert o.shape[0] == num_image_tokens(model.config, size, cfg)
+
+
+# ---------------------------------------------------------------- the other families' checkpoints and options
+
+
+def test_vllm_checkpoints_use_the_layouts_vllm_loads(tmp_path):
+    from safetensors import safe_open
+
+    from globalcom2.integrations.vllm import save_vllm_checkpoint
+    from globalcom2.testing import tiny_internvl, tiny_onevision, tiny_qwen
+
+    cases = {
+        "onevision": (tiny_onevision.tiny_onevision_model, tiny_onevision.tiny_onevision_processor,
+                      "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight", "LlavaOnevisionProcessor"),
+        "internvl": (tiny_internvl.tiny_internvl_model, tiny_internvl.tiny_internvl_processor,
+                     "vision_tower.encoder.layer.0.attention.q_proj.weight", "InternVLProcessor"),
+        "qwen2_5_vl": (tiny_qwen.tiny_qwen2_5_vl_model, tiny_qwen.tiny_qwen2_5_vl_processor,
+                       "visual.blocks.0.attn.qkv.weight", "Qwen2_5_VLProcessor"),
+        "qwen3_vl": (tiny_qwen.tiny_qwen3_vl_model, tiny_qwen.tiny_qwen3_vl_processor,
+                     "model.visual.deepstack_merger_list.0.norm.weight", "Qwen3VLProcessor"),
+    }  # fmt: skip
+    for name, (make_model, make_processor, key, processor_class) in cases.items():
+        model = make_model(seed=0)
+        path = save_vllm_checkpoint(model, make_processor(), tmp_path / name)
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            names = set(f.keys())
+        assert key in names, (name, sorted(names)[:5])
+        assert len(names) == len(model.state_dict())
+        if name == "onevision":  # the llava-hf tower names (save_pretrained drops ``vision_model.``)
+            assert not any(n.startswith("vision_tower.embeddings") for n in names)
+        cfg_path = os.path.join(path, "processor_config.json")
+        if os.path.exists(cfg_path):  # with torchvision: the whole processor, under its stock class
+            assert json.load(open(cfg_path))["processor_class"] == processor_class
+        assert os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
+def test_method_config_takes_the_family_scorers():
+    from globalcom2.tiny_internvl import tiny_internvl_config
+    from globalcom2.tiny_onevision import tiny_onevision_config
+
+    cfg = tiny_config()
+    cfg.globalcom2 = {"scorer": "attention_received"}
+    with pytest.raises(ValueError, match="by their \\[CLS\\] attention"):
+        method_config(cfg)
+    ov = tiny_onevision_config()
+    ov.globalcom2 = {"scorer": "attention_received", "retention_ratio": 0.25}
+    assert method_config(ov, ("auto", "global_dissimilarity", "attention_received")).scorer == "attention_received"
+    with pytest.raises(ValueError, match="scorer='cls'"):
+        ov.globalcom2 = {"scorer": "cls"}
+        method_config(ov, ("auto", "global_dissimilarity", "attention_received"))
+    iv = tiny_internvl_config()  # image_size is a [h, w] pair there
+    iv.globalcom2 = {"retention_ratio": 0.25}
+    assert method_config(iv).budget == "exact"
+
+
+def test_tiny_qwen_models_generate_varied_tokens():
+    from globalcom2.testing import tiny_qwen
+    from globalcom2.testing.tiny import demo_image
+
+    for make_model, make_processor in ((tiny_qwen.tiny_qwen2_5_vl_model, tiny_qwen.tiny_qwen2_5_vl_processor),
+                                       (tiny_qwen.tiny_qwen3_vl_model, tiny_qwen.tiny_qwen3_vl_processor)):  # fmt: skip
+        model, processor = make_model(seed=0), make_processor()
+        inputs = processor(images=[demo_image(150, 400, seed=2)], text=[tiny_qwen.PROMPT], return_tensors="pt")
+        assert int(inputs["image_grid_thw"].prod()) // 4 == int(
+            (inputs["input_ids"] == model.config.image_token_id).sum()
+        )
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert len(set(out[0, inputs["input_ids"].shape[1] :].tolist())) > 1

@@ -1,7 +1,9 @@
 """vLLM plugin: serve LLaVA-NeXT with compressed visual tokens through stock vLLM.
 
 vLLM loads ``register`` from the ``vllm.general_plugins`` entry point in every process. It registers
-``GlobalCom2LlavaNextForConditionalGeneration``; a model opts in with
+``GlobalCom2LlavaNextForConditionalGeneration``, ``GlobalCom2LlavaOnevisionForConditionalGeneration`` and
+``GlobalCom2InternVLForConditionalGeneration`` (HF-native InternVL, which vLLM serves as
+``InternS1ForConditionalGeneration``); a model opts in with
 
     vllm serve PATH --hf-overrides '{"architectures": ["GlobalCom2LlavaNextForConditionalGeneration"],
                                      "globalcom2": {"method": "globalcom2", "retention_ratio": 0.25}}'
@@ -12,17 +14,35 @@ lazily (by its import path), so loading the plugin costs nothing in processes th
 
 from __future__ import annotations
 
-from .checkpoint import save_llava_hf_checkpoint
+from .checkpoint import save_llava_hf_checkpoint, save_vllm_checkpoint
 from .options import ARCHITECTURE, method_config
 
-__all__ = ["ARCHITECTURE", "register", "method_config", "save_llava_hf_checkpoint"]
+__all__ = [
+    "ARCHITECTURE",
+    "ARCHITECTURES",
+    "register",
+    "method_config",
+    "save_llava_hf_checkpoint",
+    "save_vllm_checkpoint",
+]
 
-_MODEL_PATH = "globalcom2.integrations.vllm.llava_next:GlobalCom2LlavaNextForConditionalGeneration"
+#: the compressed architectures, by name, and where their classes live (imported by vLLM when a model uses one)
+ARCHITECTURES = {
+    ARCHITECTURE: "globalcom2.integrations.vllm.llava_next:GlobalCom2LlavaNextForConditionalGeneration",
+    "GlobalCom2LlavaOnevisionForConditionalGeneration": (
+        "globalcom2.integrations.vllm.llava_onevision:GlobalCom2LlavaOnevisionForConditionalGeneration"
+    ),
+    "GlobalCom2InternVLForConditionalGeneration": (
+        "globalcom2.integrations.vllm.internvl:GlobalCom2InternVLForConditionalGeneration"
+    ),
+}
 
 
 def register() -> None:
-    """Register the compressed LLaVA-NeXT architecture with vLLM's model registry (idempotent)."""
+    """Register the compressed architectures with vLLM's model registry (idempotent)."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, _MODEL_PATH)
+    supported = ModelRegistry.get_supported_archs()
+    for name, path in ARCHITECTURES.items():
+        if name not in supported:
+            ModelRegistry.register_model(name, path)

@@ -4,9 +4,10 @@ Two overrides make vLLM serve a compressed model with no change to vLLM itself:
 
 * the processing info returns ``globalcom2.num_image_tokens`` for each image size, so vLLM expands
   ``<image>`` into exactly K placeholders and sizes the KV cache for K;
-* the image embedding runs the vision tower, recomputes the [CLS] attention row of the score layer
-  the way the HF path does (``globalcom2.models.llava_next._cls_scores``), selects with the very same
-  code (``select_image`` -> the method registry) and returns those K features per image.
+* the image embedding (vLLM's public ``embed_multimodal`` hook) runs the vision tower, recomputes the
+  [CLS] attention row of the score layer the way the HF path does
+  (``globalcom2.models.llava_next._cls_scores``), selects with the very same code (``select_image`` ->
+  the method registry) and returns those K features per image.
 
 vLLM builds the CLIP tower only up to ``vision_feature_layer`` and drops the later layers' weights.
 GlobalCom² scores tokens with the *last* layer's [CLS] attention, so the loader keeps that layer's
@@ -15,12 +16,9 @@ GlobalCom² scores tokens with the *last* layer's [CLS] attention, so the loader
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from types import SimpleNamespace
 
 import torch
-from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
@@ -35,12 +33,8 @@ from ...core import scoring
 from ...models import llava_next as adapter
 from ...models import towers
 from .options import method_config
+from .score_layer import ScoreLayer, ScoreWeights, score_positions, score_tower
 from .select import image_tokens
-
-_SCORE_WEIGHT = re.compile(
-    r"(?:^|\.)vision_tower\.vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)"
-    r"\.(weight|bias)$"
-)
 
 
 class GlobalCom2LlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -50,26 +44,6 @@ class GlobalCom2LlavaNextProcessingInfo(LlavaNextProcessingInfo):
         """K visual tokens for an image of this size under the configured method (``num_image_tokens``)."""
         hf_config = self.get_hf_config()
         return num_image_tokens(hf_config, (int(image_height), int(image_width)), method_config(hf_config))
-
-
-class _ScoreAttention(nn.Module):
-    """The q/k projections of one CLIP attention layer (enough for its [CLS] row)."""
-
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.num_heads = heads
-        self.scale = (hidden // heads) ** -0.5
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-
-
-class _ScoreLayer(nn.Module):
-    """``layer_norm1`` and ``self_attn.{q,k}_proj`` of the CLIP layer whose [CLS] attention ranks tokens."""
-
-    def __init__(self, hidden: int, heads: int, eps: float) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
-        self.self_attn = _ScoreAttention(hidden, heads)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -83,37 +57,14 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         self.globalcom2_config = method_config(config)  # bad settings stop the engine here, before any weight
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"the vLLM plugin needs one int vision_feature_layer, got {config.vision_feature_layer!r}")
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        vc = config.vision_config
-        n_layers = vc.num_hidden_layers
-        feature_pos = config.vision_feature_layer % (n_layers + 1)  # index into (embeddings, layer 1..L) outputs
         req = self.globalcom2_config.requires
         layer, self._score_kind = req.score_layer, req.score
-        layer = config.vision_feature_layer if layer is None else layer
-        score_hs = layer % (n_layers + 1)  # as the HF path reads it: index into (embeddings, layer 1..L) outputs
-        if score_hs == 0:
-            raise ValueError(
-                f"vision_feature_layer {layer} selects the embeddings, which no encoder layer's [CLS] attention "
-                f"produced; method {self.globalcom2_config.name!r} needs a layer index other than 0 or {-n_layers - 1}"
-            )
-        self._score_pos = score_hs - 1  # encoder layer whose [CLS] attention ranks the tokens
-        if self._score_pos > feature_pos:
-            raise ValueError(
-                f"method {self.globalcom2_config.name!r} scores with vision layer {layer}, whose input is "
-                f"computed after vision_feature_layer={config.vision_feature_layer}; the vLLM plugin needs the "
-                "score layer's input among the layers vLLM builds"
-            )
-        self._feature_pos = feature_pos
+        self._feature_pos, self._score_pos = score_positions(config, layer, self.globalcom2_config.name)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        vc = config.vision_config
         self._geometry = adapter.Geometry.from_config(config)
-        self.globalcom2_score = _ScoreLayer(vc.hidden_size, vc.num_attention_heads, vc.layer_norm_eps)
-        self._score_tower = SimpleNamespace(
-            encoder=SimpleNamespace(
-                layers=[self.globalcom2_score if i == self._score_pos else None for i in range(n_layers)]
-            ),
-            config=vc,
-        )
+        self.globalcom2_score = ScoreLayer(vc.hidden_size, vc.num_attention_heads, vc.layer_norm_eps)
+        self._score_tower = score_tower(self.globalcom2_score, vc)
 
     # -- vision side -------------------------------------------------------------------------
 
@@ -132,14 +83,19 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         )
         return feats, scores, hs
 
-    def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
-        """Per image, the (K_i, D_llm) features the method keeps, K_i = ``num_image_tokens`` of its size."""
-        if image_input["type"] == "image_embeds":
-            return image_input["data"]
-        pixel_values = image_input["pixel_values"]  # (B, V_max, C, H, W) or B x (V_i, C, H, W)
-        if image_input.get("image_sizes") is None:
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        """Per image, the (K_i, D_llm) features the method keeps, K_i = ``num_image_tokens`` of its size.
+
+        vLLM's public multimodal hook (``SupportsMultiModal.embed_multimodal``): the runner calls it with
+        one modality's batched kwargs, ``pixel_values`` (B, V_max, C, H, W) or B x (V_i, C, H, W) and
+        ``image_sizes`` (B, 2). Precomputed ``image_embeds`` go to vLLM's model unchanged.
+        """
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return super().embed_multimodal(**kwargs)
+        if kwargs.get("image_sizes") is None:
             raise ValueError("image_sizes are required: the token selection depends on each image's (height, width)")
-        sizes = [tuple(int(x) for x in s) for s in torch.as_tensor(image_input["image_sizes"]).tolist()]
+        sizes = [tuple(int(x) for x in s) for s in torch.as_tensor(kwargs["image_sizes"]).tolist()]
         geo, cfg = self._geometry, self.globalcom2_config
         n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in sizes]
         views = torch.cat([pv[:v] for pv, v in zip(pixel_values, n_views)])  # (sum V_i, C, H, W)
@@ -158,24 +114,6 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """vLLM's loading, plus a copy of the score layer's layer_norm1 / q_proj / k_proj weights."""
-        params = dict(self.globalcom2_score.named_parameters())
-        seen: set[str] = set()
-
-        def keep_score_layer(ws):
-            for name, w in ws:
-                m = _SCORE_WEIGHT.search(name)
-                if m and int(m.group(1)) == self._score_pos:
-                    key = f"{m.group(2)}.{m.group(3)}"
-                    with torch.no_grad():
-                        params[key].copy_(w.to(params[key].dtype))
-                    seen.add(key)
-                yield name, w
-
-        loaded = super().load_weights(keep_score_layer(weights))
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks vision layer {self._score_pos}'s {', '.join(missing)}, which the [CLS] "
-                "score needs (expected under vision_tower.vision_model.encoder.layers.*, the llava-hf layout)"
-            )
-        return loaded | {f"globalcom2_score.{k}" for k in params}
+        copy = ScoreWeights(self.globalcom2_score, self._score_pos)
+        loaded = super().load_weights(copy.keep(weights))
+        return loaded | copy.check()

@@ -12,7 +12,7 @@ ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
 KEY = "globalcom2"
 
 
-def method_config(hf_config: Any) -> MethodConfig:
+def method_config(hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls")) -> MethodConfig:
     """The method config a served model runs with, from ``hf_config.globalcom2`` (a dict of ``apply`` options).
 
     ``{"method": name, **options}``; a missing key means ``{"method": "globalcom2"}`` with its defaults.
@@ -22,7 +22,8 @@ def method_config(hf_config: Any) -> MethodConfig:
     variants) ``budget`` defaults to ``"exact"`` here; an explicit ``budget="authors"`` there fails with
     the library's error. Methods that read the prompt's text (``cdpruner``, ``dart``, ``composed`` with
     those selectors) are refused: vLLM embeds an image without its prompt. Raises the library's
-    ValueError/TypeError, so a bad setting stops engine start.
+    ValueError/TypeError, so a bad setting stops engine start. ``scorers``: the ``scorer`` values the
+    family's vLLM model computes (LLaVA-NeXT: the [CLS] attention; the [CLS]-free towers others).
     """
     raw = getattr(hf_config, KEY, None)
     if raw is None:
@@ -50,13 +51,16 @@ def method_config(hf_config: Any) -> MethodConfig:
             "cannot serve it. Use globalcom2.apply on the Hugging Face model, or a method that reads the image "
             "alone (globalcom2, fastervlm, visionzip, divprune, composed with those selectors)"
         )
-    if cfg.requires.scorer not in ("auto", "cls"):
+    if cfg.requires.scorer not in scorers:
+        what = "by their [CLS] attention" if scorers == ("auto", "cls") else f"with scorer {' / '.join(scorers)}"
         raise ValueError(
-            f"scorer={cfg.requires.scorer!r}: the vLLM plugin rates tokens by their [CLS] attention (scorer 'auto' "
-            "or 'cls'); the other scorers run on the Hugging Face path (globalcom2.apply)"
+            f"scorer={cfg.requires.scorer!r}: the vLLM plugin for this model rates tokens {what} "
+            f"(scorer {' or '.join(map(repr, scorers))}); the other scorers run on the Hugging Face path "
+            "(globalcom2.apply)"
         )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
     side = hf_config.vision_config.image_size
+    side = int(side[0] if isinstance(side, (list, tuple)) else side)
     num_image_tokens(hf_config, (side, 2 * side), cfg)  # raises where the count is not size-only
     return cfg
