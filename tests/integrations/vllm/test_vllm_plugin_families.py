@@ -23,9 +23,8 @@ else:
     pytest.importorskip("vllm")
 
 import globalcom2  # noqa: E402
+from globalcom2.budget import stock_image_tokens  # noqa: E402
 from globalcom2.integrations.vllm import register, save_vllm_checkpoint  # noqa: E402
-from globalcom2.models import internvl as internvl_adapter  # noqa: E402
-from globalcom2.models import llava_onevision as onevision_adapter  # noqa: E402
 from globalcom2.testing import tiny_internvl, tiny_onevision  # noqa: E402
 from globalcom2.testing.tiny import demo_image  # noqa: E402
 
@@ -39,16 +38,14 @@ FAMILIES = {
         model=tiny_onevision.tiny_onevision_model, processor=tiny_onevision.tiny_onevision_processor,
         arch="GlobalCom2LlavaOnevisionForConditionalGeneration", prompt="<image>\nwhat is this ?",
         neutral={"method": "globalcom2", "retention_ratio": 1.0, "allocation": "uniform", "thumbnail_order": "spatial"},
-        stock_tokens=lambda cfg, size: onevision_adapter.Geometry.from_config(cfg).stock_tokens(size),
+        stock_tokens=stock_image_tokens,
         image_token=lambda cfg: cfg.image_token_index, hf_kwargs=lambda sizes: {},
     ),
     "internvl": dict(
         model=tiny_internvl.tiny_internvl_model, processor=tiny_internvl.tiny_internvl_processor,
         arch="GlobalCom2InternVLForConditionalGeneration", prompt="user : <IMG_CONTEXT> what is this ? assistant :",
         neutral={"method": "globalcom2", "retention_ratio": 1.0, "allocation": "uniform"},
-        stock_tokens=lambda cfg, size: (lambda g: g.stock_tokens(g.grid(size)))(
-            internvl_adapter.Geometry.from_config(cfg)
-        ),
+        stock_tokens=stock_image_tokens,
         image_token=lambda cfg: cfg.image_token_id, hf_kwargs=lambda sizes: {"image_sizes": sizes},
     ),
 }  # fmt: skip
