@@ -203,7 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vision-layers", default="2", help="vision layers of the checkpoint (default 2; 24 is CLIP-L)")
     ap.add_argument("--text-layers", default="2", help="language-model layers (default 2; 32 is Vicuna-7B)")
     ap.add_argument("--launch", default="auto", choices=["auto", "together", "per-round"],
-                    help="all servers up at once, or one at a time restarted every round (auto: together if they fit)")  # fmt: skip
+                    help="all servers up at once, or one at a time, restarted every round (auto: together if "
+                         "they fit in memory)")  # fmt: skip
     ap.add_argument("--kv-cache-gib", default=None, help="VLLM_CPU_KVCACHE_SPACE per server (default 4; smoke 1)")
     ap.add_argument("--start-timeout", default="900", help="seconds a server may take to answer /health")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs vllm serve (default this one)")
@@ -224,7 +225,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.family not in FAMILIES:
         raise ValueError(f"--family {args.family}: must be one of {', '.join(FAMILIES)}")
     args.ratios = _ratios(args.ratios or ["1", "0.25", "0.1"])
-    args.concurrency = sorted(set(_int_list("--concurrency", args.concurrency or (["1", "4"] if smoke else ["1", "4", "16"]))))  # fmt: skip
+    levels = args.concurrency or (["1", "4"] if smoke else ["1", "4", "16"])
+    args.concurrency = sorted(set(_int_list("--concurrency", levels)))
     args.repeats = _int_list("--repeats", [args.repeats or ("1" if smoke else "3")])[0]
     args.requests = None if args.requests is None else _int_list("--requests", [args.requests])[0]
     if smoke and args.requests is None:
@@ -254,13 +256,13 @@ def _check(args: argparse.Namespace) -> None:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            raise ValueError(f"--python {args.python}: vllm is not importable there (scripts/vllm-setup.sh installs it)")
+            raise ValueError(f"--python {args.python}: vllm is not importable (scripts/vllm-setup.sh installs it)")
     elif not shutil.which(args.python) and not os.access(args.python, os.X_OK):
         raise ValueError(f"--python {args.python}: not an executable")
     try:
         import httpx  # noqa: F401
     except ImportError:
-        raise ValueError("serve-bench drives the servers with httpx, which is not installed (vLLM installs it)") from None
+        raise ValueError("serve-bench drives the servers with httpx, not installed here (vLLM brings it)") from None
 
 
 def _check_method(args: argparse.Namespace) -> None:
@@ -391,8 +393,7 @@ class _Images:
             rnd, c = key
             seed0 = (rnd * 10_000 + c) * 10_000
             urls = [
-                data_url(image_bytes(demo_image(*self.sizes[i % len(self.sizes)], seed=seed0 + i)))
-                for i in range(n)
+                data_url(image_bytes(demo_image(*self.sizes[i % len(self.sizes)], seed=seed0 + i))) for i in range(n)
             ]
             self._key = key
             self._bodies = [chat_body(SERVED_NAME, [u], TEXT, self.max_tokens) for u in urls]
