@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -93,3 +94,14 @@ def test_plot_draws_a_png(tmp_path):
            "machine": "y", "repeats": 1}  # fmt: skip
     sb.plot(doc, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    saved = tmp_path / "doc.json"
+    saved.write_text(json.dumps(doc))
+    assert sb.main(["--from-json", str(saved), "--plot", str(tmp_path / "again.png")]) == 0  # no vLLM needed
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+def test_from_json_refuses_what_is_not_a_document(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    assert sb.main(["--from-json", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"globalcom2 serve-bench: error: --from-json {bad}: not a serve-bench")

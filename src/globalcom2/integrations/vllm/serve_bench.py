@@ -5,6 +5,7 @@ Run (vLLM's interpreter; the servers are children of it and inherit ``PYTHONPATH
     globalcom2 serve-bench [--ratios 1 0.25 0.1] [--concurrency 1 4 16] [--repeats 3]
                            [--out serve-bench.json] [--plot serve-bench.png]
     globalcom2 serve-bench --smoke                 # tiny model, 1 round, concurrency 1 and 4: proves it runs
+    globalcom2 serve-bench --from-json serve-bench.json --plot serve-bench.png   # redraw a saved run, no vLLM
 
 What runs. A checkpoint with random weights is built in a temporary directory (``--family``; today
 ``llava_next``: LLaVA-NeXT-7B's widths, CLIP-ViT-L/14-336 tower and a Vicuna-7B-shaped language model,
@@ -212,6 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plot", metavar="PNG", help="draw the results here (needs matplotlib)")
     ap.add_argument("--log-dir", help="keep the servers' logs here (default: a temporary directory)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 round, concurrency 1 and 4, 4 requests")
+    ap.add_argument("--from-json", metavar="FILE", help="run nothing: print the table (and --plot) of a saved --out")
     args = ap.parse_args(argv)
     try:
         _check(args)
@@ -252,6 +254,10 @@ def _check(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"--{flag} {path}: its directory does not exist")
+    if args.from_json:
+        if not os.path.isfile(args.from_json):
+            raise ValueError(f"--from-json {args.from_json}: no such file")
+        return  # nothing is served
     if args.python == sys.executable:
         import importlib.util
 
@@ -671,6 +677,18 @@ def plot(doc: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 serve-bench``."""
     args = parse_args(argv)
+    if args.from_json:
+        try:
+            with open(args.from_json) as f:
+                doc = json.load(f)
+            table = format_table(doc)
+        except (ValueError, KeyError, TypeError) as err:
+            print(f"{PROG}: error: --from-json {args.from_json}: not a serve-bench document ({err!r})", file=sys.stderr)
+            return 2
+        print(table)
+        if args.plot:
+            plot(doc, args.plot)
+        return 0
     try:
         doc = run(args)
     except ServerError as err:
