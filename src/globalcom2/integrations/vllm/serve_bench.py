@@ -207,6 +207,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="all servers up at once, or one at a time, restarted every round (auto: together if "
                          "they fit in memory)")  # fmt: skip
     ap.add_argument("--kv-cache-gib", default=None, help="VLLM_CPU_KVCACHE_SPACE per server (default 4; smoke 1)")
+    ap.add_argument(
+        "--settle-s", default="2", help="pause before every cell, so the last server's tail-off ends (default 2)"
+    )
     ap.add_argument("--start-timeout", default="900", help="seconds a server may take to answer /health")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs vllm serve (default this one)")
     ap.add_argument("--out", help="write the JSON document here")
@@ -237,6 +240,7 @@ def _check(args: argparse.Namespace) -> None:
     args.vision_layers = _int_list("--vision-layers", [args.vision_layers])[0]
     args.text_layers = _int_list("--text-layers", [args.text_layers])[0]
     args.start_timeout = _int_list("--start-timeout", [args.start_timeout])[0]
+    args.settle_s = _int_list("--settle-s", [args.settle_s], low=0)[0]
     kv = args.kv_cache_gib or ("1" if smoke else "4")
     try:
         args.kv_cache_gib = float(kv)
@@ -362,8 +366,12 @@ async def _drive(url: str, bodies: list[dict], concurrency: int, image_token_id:
         return time.perf_counter() - t0, list(recs)
 
 
-def run_cell(server: Server, bodies: list[dict], concurrency: int, image_token_id: int, others=()) -> dict:
-    """All ``bodies`` against ``server`` with at most ``concurrency`` in flight; the cell's metrics."""
+def run_cell(
+    server: Server, bodies: list[dict], concurrency: int, image_token_id: int, others=(), settle_s: float = 0.0
+) -> dict:
+    """All ``bodies`` against ``server`` with at most ``concurrency`` in flight, after ``settle_s`` s of quiet;
+    the cell's metrics."""
+    time.sleep(settle_s)
     cpu0 = [s.cpu_seconds() for s in others]
     wall, recs = asyncio.run(_drive(server.url + "/v1/chat/completions", bodies, concurrency, image_token_id))
     background = sum(s.cpu_seconds() for s in others) - sum(cpu0)
@@ -482,7 +490,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     k = (rnd * len(levels) + li) % len(configs)
                     for name, _ in configs[k:] + configs[:k]:
                         others = [s for n, s in servers.items() if n != name]
-                        cell = run_cell(servers[name], images.bodies((rnd, c), n_req[c]), c, image_token_id, others)
+                        bodies = images.bodies((rnd, c), n_req[c])
+                        cell = run_cell(servers[name], bodies, c, image_token_id, others, args.settle_s)
                         cell["round"] = rnd
                         cells[(name, c)].append(cell)
                         _log_cell(name, c, rnd, cell)
@@ -494,7 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     starts[name].append(s.wait_ready(args.start_timeout))
                     _warm(s, images, image_token_id)
                     for c in levels:
-                        cell = run_cell(s, images.bodies((rnd, c), n_req[c]), c, image_token_id)
+                        cell = run_cell(s, images.bodies((rnd, c), n_req[c]), c, image_token_id, (), args.settle_s)
                         cell["round"] = rnd
                         cells[(name, c)].append(cell)
                         _log_cell(name, c, rnd, cell)
@@ -530,6 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "requests_per_cell": {str(c): n_req[c] for c in levels},
         "max_tokens": args.max_tokens,
+        "settle_s": args.settle_s,
         "image_sizes_wh": [list(s) for s in sizes],
         "launch": mode,
         "memory_estimate": mem,
