@@ -13,7 +13,9 @@ both alike), after one warm-up request each. Per request it times, inside the mo
 * ``select``: what follows the tower: stock's unpad + newlines (``_merge_image_patch_embeddings``), the
   plugin's selection and gather (``image_tokens``);
 * ``lm``: the model's ``forward`` calls (language model: prefill and decode steps);
-* ``other``: the rest of the request's wall time (image decoding and processing, scheduling, sampling).
+* ``other``: the rest of the request's wall time (image decoding and processing, scheduling, sampling);
+* ``count``: the processor's ``get_num_image_tokens`` calls (part of ``other``: how many placeholders to insert);
+* ``embed``: the whole image embedding (``_process_image_input``: ``tower`` + ``select`` + glue).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3, help="measured requests per engine")
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="the test suite's tiny model (per-request overheads dominate)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         stock_mod.LlavaNextForConditionalGeneration,
         plugin_mod.GlobalCom2LlavaNextForConditionalGeneration,
     )
+    _timed(stock_cls, "_process_image_input", "stock.embed")
+    _timed(plugin_cls, "_process_image_input", "plugin.embed")
+    _timed(stock_mod.LlavaNextProcessingInfo, "get_num_image_tokens", "stock.count")
+    _timed(plugin_mod.GlobalCom2LlavaNextProcessingInfo, "get_num_image_tokens", "plugin.count")
     _timed(stock_cls, "_process_image_pixels", "stock.tower")
     _timed(stock_cls, "_merge_image_patch_embeddings", "stock.select")
     _timed(plugin_cls, "_encode", "plugin.tower")
@@ -81,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     stock_cls.forward = timed_forward  # the plugin class inherits it
 
-    shape = model_shape(2, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_llava_hf_checkpoint(tiny_model(seed=0, **shape), tiny_processor(336, 14), os.path.join(tmp, "m"))
+        if args.tiny:
+            model, processor, sizes = tiny_model(seed=0, text_heads=2), tiny_processor(), ((300, 220), (150, 400))
+        else:
+            model, processor, sizes = tiny_model(seed=0, **model_shape(2, 2)), tiny_processor(336, 14), IMAGE_SIZES
+        path = save_llava_hf_checkpoint(model, processor, os.path.join(tmp, "m"))
         kw = dict(enforce_eager=True, dtype="float32", max_model_len=3200, seed=0, limit_mm_per_prompt={"image": 1})
         engines = {
             "stock": LLM(path, **kw),
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                          use_tqdm=False)  # fmt: skip
         rows = []
         for i in range(args.requests):
-            w, h = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+            w, h = sizes[i % len(sizes)]
             img = demo_image(w, h, seed=i)
             for name, llm in engines.items():
                 TIMES.clear()
@@ -104,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}}], params, use_tqdm=False)
                 wall = time.perf_counter() - t0
                 parts = {p: TIMES[f"{name}.{p}"] for p in ("tower", "select", "lm")}
+                extra = {f"{p}_s": TIMES[f"{name}.{p}"] for p in ("embed", "count")}
                 row = {"engine": name, "image_wh": [w, h], "prompt_tokens": len(out[0].prompt_token_ids),
                        "wall_s": wall, **{f"{p}_s": v for p, v in parts.items()},
-                       "other_s": wall - sum(parts.values())}  # fmt: skip
+                       "other_s": wall - sum(parts.values()), **extra}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = {}

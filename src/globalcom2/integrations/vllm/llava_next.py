@@ -15,7 +15,9 @@ GlobalCom² scores tokens with the *last* layer's [CLS] attention, so the loader
 
 from __future__ import annotations
 
+import copy
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from types import SimpleNamespace
 
@@ -44,10 +46,31 @@ _SCORE_WEIGHT = re.compile(
 class GlobalCom2LlavaNextProcessingInfo(LlavaNextProcessingInfo):
     """LLaVA-NeXT processing info whose per-image token count is the compressed one."""
 
+    #: image sizes whose count one processor remembers (least recently used dropped first)
+    COUNT_CACHE_SIZE = 4096
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """K visual tokens for an image of this size under the configured method (``num_image_tokens``)."""
+        """K visual tokens for an image of this size under the configured method (``num_image_tokens``).
+
+        vLLM asks once per image of every request, on the request's path to its first token. Parsing the
+        options and counting cost milliseconds each (stock's count costs ~0.1 ms), so the parsed config is
+        kept while the model config and its options are unchanged, and counts are remembered per size.
+        """
         hf_config = self.get_hf_config()
-        return num_image_tokens(hf_config, (int(image_height), int(image_width)), method_config(hf_config))
+        options = getattr(hf_config, "globalcom2", None)
+        cache = self.__dict__.get("_globalcom2_cache")
+        if cache is None or cache[0] is not hf_config or cache[1] != options:
+            cache = (hf_config, copy.deepcopy(options), method_config(hf_config), OrderedDict())
+            self._globalcom2_cache = cache
+        counts, size = cache[3], (int(image_height), int(image_width))
+        k = counts.get(size)
+        if k is None:
+            k = counts[size] = num_image_tokens(hf_config, size, cache[2])
+            if len(counts) > self.COUNT_CACHE_SIZE:
+                counts.popitem(last=False)
+        else:
+            counts.move_to_end(size)
+        return k
 
 
 class _ScoreAttention(nn.Module):
