@@ -5,8 +5,8 @@
 Both engines (stock, and the plugin at R = 1 with its default options) live in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: engine and model in-process, so the model's methods can be
 timed) on LLaVA-NeXT-7B's widths with random weights cut to 2 vision + 2 LM layers, as serve-bench's
-default. Requests go one at a time, alternating stock / plugin on the same image (so load drift hits
-both alike), after one warm-up request each. Per request it times, inside the model:
+default. Requests go one at a time, alternating stock / plugin on the same image, which goes first
+alternating too (so load drift hits both alike), after one warm-up request each. Per request it times, inside the model:
 
 * ``tower``: vision tower + projector (stock ``_process_image_pixels``; plugin ``_encode``, which also
   projects the score layer's keys for the [CLS] row);
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.requests):
             w, h = sizes[i % len(sizes)]
             img = demo_image(w, h, seed=i)
-            for name, llm in engines.items():
+            order = list(engines.items()) if i % 2 == 0 else list(engines.items())[::-1]  # neither always first
+            for name, llm in order:
                 TIMES.clear()
                 t0 = time.perf_counter()
                 out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}}], params, use_tqdm=False)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = {
             k: statistics.median(r[k] for r in rs) for k in ("wall_s", "tower_s", "select_s", "lm_s", "other_s")
         }
-    ratio = [p["wall_s"] / s["wall_s"] for s, p in zip(rows[0::2], rows[1::2])]
+    by = {(r["engine"], i): r for i, r in enumerate(rows) for i in [i // 2]}
+    ratio = [by[("plugin", i)]["wall_s"] / by[("stock", i)]["wall_s"] for i in range(args.requests)]
     print(f"{'':8} {'wall s':>8} {'tower s':>8} {'select s':>9} {'lm s':>8} {'other s':>8}  (medians)")
     for name, s in summary.items():
         print(
