@@ -61,10 +61,12 @@ the bound versus concurrency (needs matplotlib: ``pip install "globalcom2[viz]"`
 R = 1 against stock. Both prefill the same prompts (same token counts, checked: the R = 1 row's
 ``prompt tok`` equals stock's). The plugin adds, per image, the score layer's key projection of every
 tower token (about 1/12 of one CLIP layer), the [CLS] attention and the selection; everything else
-(tower, projector, language model, scheduler) is vLLM's. ``bench.py``'s one-shot, sequential R = 1 row
-was 1.29x stock with the same 2440 tokens: load from other jobs between two runs minutes apart, not
-the plugin (``docs/serve-bench.md`` has the profile that splits an R = 1 request into tower,
-selection and the rest, and this benchmark's interleaved numbers).
+(tower, projector, language model, scheduler) is vLLM's. Profiled (``benchmarks/vllm_r1_profile.py``,
+``docs/serve-bench.md``): at LLaVA-NeXT-7B widths that is within ~2 % of a stock request, while the
+language model alone, same tokens, took 17.6-46.7 s from one minute to the next on the shared
+machine; ``bench.py``'s one-shot, sequential R = 1 row (1.29x stock, same 2440 tokens) measured that
+load, not the plugin. On the tiny model the fixed per-image cost is ~5 % of a request; a per-request
+re-parse of the options in the processor's count (3-15 ms) was a defect and is fixed.
 
 Numbers are measurements of the machine they ran on; the smoke run only shows that the tool works.
 """
