@@ -504,6 +504,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     s = servers[name] = make(name, options).start()
                     starts[name].append(s.wait_ready(args.start_timeout))
                     _warm(s, images, image_token_id)
+                    _log(f"  round {rnd} {name}: up in {s.start_s:.0f} s, warmed ({s.url})")
                     for c in levels:
                         cell = run_cell(s, images.bodies((rnd, c), n_req[c]), c, image_token_id, (), args.settle_s)
                         cell["round"] = rnd
