@@ -26,7 +26,8 @@ import torch
 
 from globalcom2 import make_config
 from globalcom2.models import llava_next as A
-from globalcom2.tiny import demo_image, tiny_model, tiny_processor
+from globalcom2.models import towers
+from globalcom2.testing import demo_image, tiny_model, tiny_processor
 
 CLIP_L_336 = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16)
 
@@ -75,14 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             cfgs = [make_config(m, retention_ratio=ratio) for m in args.method]
 
             def compress(cfg, hidden, feats):
-                layer, kind = cfg.score_source
-                layer = model.config.vision_feature_layer if layer is None else layer
-                scores = A._cls_scores(tower, hidden, kind, layer)
-                (extra,) = A.method_inputs(model, cfg, hidden, [pv.shape[0]], size_list, inputs["input_ids"])
-                if "features" in cfg.needs:
-                    extra["features"], extra["newline"] = feats, newline.to(feats.dtype)
+                layer = A.score_layer(cfg, model.config.vision_feature_layer)
+                scores = towers.tower_scores(tower, hidden, "cls", cfg.requires.score, layer)
+                fl = model.config.vision_feature_layer
+                enc = A.EncodedViews([feats], [scores], hidden, [pv.shape[0]], size_list, [fl])
+                (extra,) = A.method_inputs(model, cfg, enc, inputs["input_ids"])
                 rec = A.select_image(cfg, scores, size_list[0], geo, **extra)
-                return A.emit(model, rec, feats)
+                return A.emit(feats, rec.order, newline, A.project_extra(model, rec, feats))
 
             for cfg in cfgs:
                 compress(cfg, hidden, feats)  # warm-up

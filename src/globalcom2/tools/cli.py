@@ -13,6 +13,7 @@ import sys
 TOOLS = {
     "flops": ("globalcom2.tools.flops", "analytic prefill FLOPs / KV cache (paper Eq. 8, Tables VI-VII)"),
     "bench": ("globalcom2.tools.bench", "measured vision / compression / prefill / decode time and memory"),
+    "serve-bench": ("globalcom2.integrations.vllm.serve_bench", "vllm serve under load: stock vs the plugin"),
     "viz": ("globalcom2.tools.viz", "picture of the tokens a method keeps (paper Fig. 4)"),
     "report": ("globalcom2.tools.report", "paper-style relative-score table from lmms-eval result files"),
 }

@@ -140,6 +140,25 @@ def test_register_is_idempotent_and_entry_point_is_declared():
     assert eps.get("globalcom2") == "globalcom2.integrations.vllm:register"
 
 
+def test_processing_info_count_is_remembered_per_size_and_follows_the_options():
+    from globalcom2.integrations.vllm.llava_next import GlobalCom2LlavaNextProcessingInfo
+
+    cfg = tiny_config(**TINY)
+    cfg.globalcom2 = dict(COMPRESSED)
+    info = object.__new__(GlobalCom2LlavaNextProcessingInfo)  # no vLLM context: only the count is asked
+    info.get_hf_config = lambda: cfg
+    count = lambda h, w: info.get_num_image_tokens(image_width=w, image_height=h)
+    expected = [globalcom2.num_image_tokens(cfg, s, method_config(cfg)) for s in SIZES]
+    assert [count(*s) for s in SIZES + SIZES] == expected * 2
+    cache = info._globalcom2_counts
+    assert list(cache._counts) == SIZES  # parsed once, one entry per size
+    first = cache._counts[SIZES[0]]
+    cfg.globalcom2 = {**COMPRESSED, "retention_ratio": 0.1}  # other options: parsed and counted again
+    k = count(*SIZES[0])
+    assert list(cache._counts) == [SIZES[0]]
+    assert k == globalcom2.num_image_tokens(cfg, SIZES[0], method_config(cfg)) < first
+
+
 # ------------------------------------------------------------------------------------------ offline
 
 

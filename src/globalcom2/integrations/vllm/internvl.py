@@ -45,11 +45,10 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
-from ...budget import num_image_tokens
 from ...core import scoring
 from ...models import internvl as adapter
 from ...models.base import emit
-from .options import method_config
+from .options import cached_count, method_config
 
 ARCHITECTURE = "GlobalCom2InternVLForConditionalGeneration"
 SCORERS = ("auto", *scoring.SCORERS)
@@ -79,9 +78,8 @@ class GlobalCom2InternVLProcessingInfo(InternS1ProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, processor, mm_kwargs=None) -> int:
         """K ``<IMG_CONTEXT>`` tokens for an image of this size under the configured method."""
-        hf_config = self.get_hf_config()
-        check_tiling(processor.image_processor, hf_config)
-        return num_image_tokens(hf_config, (int(image_height), int(image_width)), internvl_config(hf_config))
+        check_tiling(processor.image_processor, self.get_hf_config())
+        return cached_count(self, (image_height, image_width), internvl_config)
 
 
 class GlobalCom2InternVLMultiModalProcessor(InternS1MultiModalProcessor):

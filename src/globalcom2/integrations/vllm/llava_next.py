@@ -28,11 +28,10 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...budget import num_image_tokens
 from ...core import scoring
 from ...models import llava_next as adapter
 from ...models import towers
-from .options import method_config
+from .options import cached_count, method_config
 from .score_layer import ScoreLayer, ScoreWeights, score_positions, score_tower
 from .select import image_tokens
 
@@ -41,9 +40,8 @@ class GlobalCom2LlavaNextProcessingInfo(LlavaNextProcessingInfo):
     """LLaVA-NeXT processing info whose per-image token count is the compressed one."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """K visual tokens for an image of this size under the configured method (``num_image_tokens``)."""
-        hf_config = self.get_hf_config()
-        return num_image_tokens(hf_config, (int(image_height), int(image_width)), method_config(hf_config))
+        """K visual tokens for an image of this size under the configured method (``num_image_tokens``, cached)."""
+        return cached_count(self, (image_height, image_width), method_config)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

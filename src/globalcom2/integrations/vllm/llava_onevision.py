@@ -33,12 +33,11 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...budget import num_image_tokens
 from ...core import scoring
 from ...models import llava_onevision as adapter
 from ...models import towers
 from ...models.base import emit
-from .options import method_config
+from .options import cached_count, method_config
 from .score_layer import ScoreLayer, ScoreWeights, score_positions, score_tower
 
 ARCHITECTURE = "GlobalCom2LlavaOnevisionForConditionalGeneration"
@@ -55,9 +54,8 @@ class GlobalCom2LlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
     """LLaVA-OneVision processing info whose per-image token count is the compressed one."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """K visual tokens for an image of this size under the configured method (``num_image_tokens``)."""
-        hf_config = self.get_hf_config()
-        return num_image_tokens(hf_config, (int(image_height), int(image_width)), onevision_config(hf_config))
+        """K visual tokens for an image of this size under the configured method (``num_image_tokens``, cached)."""
+        return cached_count(self, (image_height, image_width), onevision_config)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from ...budget import num_image_tokens
@@ -64,3 +67,44 @@ def method_config(hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls")) ->
     side = int(side[0] if isinstance(side, (list, tuple)) else side)
     num_image_tokens(hf_config, (side, 2 * side), cfg)  # raises where the count is not size-only
     return cfg
+
+
+class CountCache:
+    """Per-image token counts of one served model, remembered per image size.
+
+    vLLM asks a processing info for the count of every image of every request, on the request's path to
+    its first token. Parsing the options and counting cost milliseconds each (stock's count costs ~0.1 ms),
+    so the parsed config is kept while the model config and its options are unchanged, and counts are
+    remembered per (height, width), least recently used dropped first.
+    """
+
+    #: image sizes one served model remembers
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._cfg: MethodConfig | None = None
+        self._counts: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def count(self, hf_config: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig]) -> int:
+        """``num_image_tokens(hf_config, size, config_of(hf_config))``, parsed once and remembered per size."""
+        options = getattr(hf_config, KEY, None)
+        if self._key is None or self._key[0] is not hf_config or self._key[1] != options:
+            self._key, self._cfg = (hf_config, copy.deepcopy(options)), config_of(hf_config)
+            self._counts = OrderedDict()
+        k = self._counts.get(size)
+        if k is None:
+            k = self._counts[size] = num_image_tokens(hf_config, size, self._cfg)
+            if len(self._counts) > self.SIZE:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(size)
+        return k
+
+
+def cached_count(info: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig]) -> int:
+    """The count of an image of ``size`` for the model a vLLM processing info ``info`` serves (``CountCache``)."""
+    cache = info.__dict__.get("_globalcom2_counts")
+    if cache is None:
+        cache = info._globalcom2_counts = CountCache()
+    return cache.count(info.get_hf_config(), (int(size[0]), int(size[1])), config_of)
