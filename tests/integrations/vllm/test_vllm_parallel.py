@@ -53,10 +53,10 @@ def ckpt(tmp_path_factory) -> str:
     )
 
 
-def _run(ckpt: str, tp: int, pp: int, options: dict | None, bind: str) -> dict:
-    """prompt ids and greedy tokens per image from one engine in a fresh process."""
+def _run(ckpt: str, tp: int, pp: int, options: dict | None, bind: str, family: dict | None = None) -> dict:
+    """prompt ids and greedy tokens per image from one engine in a fresh process (``family``: arch, prompt)."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    spec = json.dumps({"tp": tp, "pp": pp, "options": options})
+    spec = json.dumps({"tp": tp, "pp": pp, "options": options, **(family or {})})
     proc = subprocess.run(
         [sys.executable, str(RUNNER), ckpt, spec, json.dumps(SIZES)],
         capture_output=True, text=True, env=env, timeout=TIMEOUT,
@@ -115,3 +115,62 @@ def test_two_ranks_give_single_rank_tokens_stock_and_plugin(ckpt, single, hf_tok
     assert plugin == single["plugin"]
     assert plugin["tokens"] == hf_tokens
     _check_counts(plugin)
+
+
+# ------------------------------------------------------------------ the other families served
+
+FAMILIES = {
+    "llava_onevision": dict(arch="GlobalCom2LlavaOnevisionForConditionalGeneration", prompt="<image>\nwhat is this ?"),
+    "internvl": dict(
+        arch="GlobalCom2InternVLForConditionalGeneration", prompt="user : <IMG_CONTEXT> what is this ? assistant :"
+    ),
+}
+
+
+def _family_model(name: str):
+    from globalcom2.testing import tiny_internvl, tiny_onevision
+
+    if name == "llava_onevision":
+        return tiny_onevision.tiny_onevision_model(seed=0, **TINY), tiny_onevision.tiny_onevision_processor()
+    return tiny_internvl.tiny_internvl_model(seed=0, **TINY), tiny_internvl.tiny_internvl_processor()
+
+
+def _family_hf_tokens(name: str, options: dict | None) -> list[list[int]]:
+    """Greedy new tokens of the HF path per image: stock (``options`` None) or ``globalcom2.apply``."""
+    model, processor = _family_model(name)
+    if options is not None:
+        globalcom2.apply(model, options["method"], budget="exact", retention_ratio=options["retention_ratio"])
+    extra = (lambda size: {"image_sizes": [size]}) if name == "internvl" and options is not None else (lambda s: {})
+    out = []
+    for img, size in zip(_images(), SIZES):
+        inputs = processor(images=[img], text=[FAMILIES[name]["prompt"]], return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**inputs, **extra(size), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                 do_sample=False)  # fmt: skip
+        out.append(gen[0, inputs["input_ids"].shape[1] :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_served_gives_the_hf_path_tokens_under_tp_and_pp(tmp_path, name):
+    """TP = 2 (stock and plugin) and PP = 2 (plugin) equal the HF path's greedy tokens; prompt counts are the library's.
+
+    The single-rank engines of these families equal the HF path too (test_vllm_plugin_families.py), so this is
+    TP = 2 == PP = 2 == TP = 1 == the HF path for every family served.
+    """
+    from globalcom2.budget import stock_image_tokens
+    from globalcom2.integrations.vllm import save_vllm_checkpoint
+
+    model, processor = _family_model(name)
+    path = save_vllm_checkpoint(model, processor, tmp_path / name)
+    fam = FAMILIES[name]
+    stock = _run(path, 2, 1, None, "0|1", fam)
+    assert stock["tokens"] == _family_hf_tokens(name, None)
+    hf = _family_hf_tokens(name, COMPRESSED)
+    for tp, pp in ((2, 1), (1, 2)):
+        plugin = _run(path, tp, pp, COMPRESSED, "0|1", fam)
+        assert plugin["tokens"] == hf, (name, tp, pp)
+        cfg = model.config
+        for prompt, stock_prompt, size in zip(plugin["prompt_ids"], stock["prompt_ids"], SIZES):
+            k = globalcom2.num_image_tokens(cfg, size, "globalcom2", budget="exact", retention_ratio=0.25)
+            assert len(prompt) == len(stock_prompt) - stock_image_tokens(cfg, size) + k, (name, size)

@@ -6,6 +6,8 @@ share a process. Usage::
 
     python vllm_parallel_run.py CKPT '{"tp": 2, "pp": 1, "options": {...} | null}' '[[h, w], ...]'
 
+(the spec may name the family served: ``"arch"`` and ``"prompt"``; LLaVA-NeXT's by default).
+
 Prints ``RESULT {"prompt_ids": [[...], ...], "tokens": [[...], ...]}`` (one entry per image, in order).
 """
 
@@ -28,6 +30,7 @@ def main(argv: list[str]) -> None:
     from globalcom2.testing.tiny import demo_image
 
     tp, pp, options = int(spec["tp"]), int(spec["pp"]), spec.get("options")
+    arch, prompt = spec.get("arch", ARCHITECTURE), spec.get("prompt", PROMPT)  # the family served (LLaVA-NeXT)
     kwargs = {}
     if tp * pp > 1:
         kwargs["distributed_executor_backend"] = "mp"
@@ -41,7 +44,7 @@ def main(argv: list[str]) -> None:
         kwargs["enforce_eager"] = True
     llm = LLM(
         ckpt,
-        hf_overrides=None if options is None else {"architectures": [ARCHITECTURE], "globalcom2": options},
+        hf_overrides=None if options is None else {"architectures": [arch], "globalcom2": options},
         dtype="float32",
         max_model_len=2048,
         seed=0,
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> None:
         **kwargs,
     )
     imgs = [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(sizes)]
-    reqs = [{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in imgs]
+    reqs = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in imgs]
     outs = llm.generate(
         reqs, SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     )
