@@ -39,7 +39,7 @@ def smoke(tmp_path_factory):
     out = tmp / "smoke.json"
     src = str(Path(globalcom2.__file__).resolve().parents[1])  # the globalcom2 under test, in the servers too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "globalcom2.cli", "serve-bench", "--smoke", "--ratios", "1", "0.25",
+    cmd = [sys.executable, "-m", "globalcom2.tools.cli", "serve-bench", "--smoke", "--ratios", "1", "0.25",
            "--out", str(out), "--log-dir", str(tmp / "logs")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
