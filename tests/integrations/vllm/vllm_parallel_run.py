@@ -6,7 +6,7 @@ share a process. Usage::
 
     python vllm_parallel_run.py CKPT '{"tp": 2, "pp": 1, "options": {...} | null}' '[[h, w], ...]'
 
-(the spec may name the family served: ``"arch"`` and ``"prompt"``; LLaVA-NeXT's by default).
+(the spec may name the family served: ``"arch"``, ``"prompt"``, ``"limit_mm_per_prompt"``; LLaVA-NeXT's by default).
 
 Prints ``RESULT {"prompt_ids": [[...], ...], "tokens": [[...], ...]}`` (one entry per image, in order).
 """
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         dtype="float32",
         max_model_len=2048,
         seed=0,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt=spec.get("limit_mm_per_prompt", {"image": 1}),
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         **kwargs,
