@@ -103,5 +103,5 @@ def test_vllm_plugin_refuses_scorers_it_does_not_compute():
     cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "cls"}
     assert method_config(cfg).scorer == "cls"
     cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "attention_received"}
-    with pytest.raises(ValueError, match="scorer='attention_received': the vLLM plugin rates tokens by their"):
+    with pytest.raises(ValueError, match="scorer='attention_received': the vLLM plugin for this model rates tokens by their"):
         method_config(cfg)
