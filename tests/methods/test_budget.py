@@ -254,7 +254,11 @@ def test_ratio_one_neutral_options_count_equals_stock_for_any_size():
 
 
 def test_ratio_one_neutral_options_feed_the_llm_stock_input(model, processor):
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+    imgs = [
+        demo_image(height=220, width=300, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=120, width=500, seed=3),
+    ]
     inputs = make_inputs(processor, imgs)
     seen, handle = lm_inputs(model)
     with torch.no_grad():
@@ -278,7 +282,7 @@ def test_tiny_model_emits_num_image_tokens_for_any_picture(model, processor):
         expected = globalcom2.num_image_tokens(model, (h, w), method=method)
         counts = set()
         for seed in range(3):
-            inputs = processor(images=demo_image(w, h, seed=seed), text="<image>", return_tensors="pt")
+            inputs = processor(images=demo_image(height=h, width=w, seed=seed), text="<image>", return_tensors="pt")
             noise = torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
             for pixels in (inputs["pixel_values"], noise * 4 - 2):  # a picture and pure noise
                 _, recs = A.compress(model, method, pixels, inputs["image_sizes"])
@@ -287,7 +291,11 @@ def test_tiny_model_emits_num_image_tokens_for_any_picture(model, processor):
 
 
 def test_forward_and_batch_with_exact_budget(model, processor):
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+    imgs = [
+        demo_image(height=220, width=300, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=120, width=500, seed=3),
+    ]
     prompts = [PROMPT, "USER: <image>\nhow many ? ASSISTANT:", "USER: <image>\ndescribe the picture please ASSISTANT:"]
     globalcom2.apply(model, retention_ratio=0.3, budget="exact")
     batch = make_inputs(processor, imgs, prompts)
@@ -432,7 +440,7 @@ def test_newer_methods_emit_num_image_tokens_for_any_picture(processor, name, op
         expected = globalcom2.num_image_tokens(model, (h, w), method=method)
         counts = set()
         for seed in range(2):
-            inputs = make_inputs(processor, [demo_image(w, h, seed=seed)])
+            inputs = make_inputs(processor, [demo_image(height=h, width=w, seed=seed)])
             noise = torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
             for pixels in (inputs["pixel_values"], noise * 4 - 2):  # a picture and pure noise
                 _, recs = A.compress(model, method, pixels, inputs["image_sizes"], inputs["input_ids"])
@@ -467,7 +475,7 @@ def test_newer_method_counts_are_their_formulas():
 
 def test_cdpruner_exact_budget_picks_inside_the_unpadded_tokens(processor):
     model = tiny_model(seed=7)
-    inputs = make_inputs(processor, [demo_image(500, 120, seed=1)])  # crops with letterbox padding
+    inputs = make_inputs(processor, [demo_image(height=120, width=500, seed=1)])  # crops with letterbox padding
     authors = globalcom2.make_config("cdpruner", retention_ratio=0.5)
     exact = globalcom2.make_config("cdpruner", retention_ratio=0.5, budget="exact")
     _, (a,) = A.compress(model, authors, inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"])

@@ -87,7 +87,9 @@ def _eager_tower_outputs(model, pixel_values, image_sizes):
 @pytest.mark.parametrize("size,ratio", CASES)
 def test_visionzip_matches_authors_code(processor, size, ratio):
     model = tiny_model(seed=3)
-    inputs = processor(images=demo_image(*size, seed=size[0]), text="<image>", return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0]), text="<image>", return_tensors="pt"
+    )
     cfg = globalcom2.make_config("visionzip", retention_ratio=ratio)
     with torch.no_grad():
         feats, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
@@ -124,7 +126,7 @@ def test_visionzip_merge_by_hand():
 
 def test_visionzip_kept_mask_shows_dominant_tokens(processor):
     model = tiny_model()
-    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    inputs = processor(images=demo_image(height=220, width=300), text="<image>", return_tensors="pt")
     cfg = globalcom2.make_config("visionzip", retention_ratio=0.5)
     _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
     N = rec.side**2
@@ -155,7 +157,9 @@ def _stock_tokens(model, inputs):
 @pytest.mark.parametrize("size,ratio", CASES[:4])
 def test_divprune_matches_authors_code(processor, size, ratio):
     model = tiny_model(seed=4)
-    inputs = processor(images=demo_image(*size, seed=size[1]), text="<image>", return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[1]), text="<image>", return_tensors="pt"
+    )
     with torch.no_grad():
         feats, (rec,) = A.compress(model, globalcom2.make_config("divprune", retention_ratio=ratio),
                                    inputs["pixel_values"], inputs["image_sizes"])  # fmt: skip
@@ -214,7 +218,7 @@ def test_divprune_similarity_greedy_equals_the_distance_greedy_and_the_oracle():
 
 def test_divprune_per_view(processor):
     model = tiny_model()
-    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    inputs = processor(images=demo_image(height=220, width=300), text="<image>", return_tensors="pt")
     cfg = globalcom2.make_config("divprune", retention_ratio=0.25, granularity="view")
     _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
     n_valid = [rec.side**2] + rec.valid.sum(1).tolist()
@@ -231,7 +235,9 @@ def test_divprune_per_view(processor):
 @pytest.mark.parametrize("size,ratio", [((300, 220), 0.25), ((150, 400), 0.1), ((500, 120), 0.4)])
 def test_cdpruner_matches_authors_code(processor, size, ratio):
     model = tiny_model(seed=5)
-    inputs = processor(images=demo_image(*size, seed=size[0] + 1), text=PROMPT, return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0] + 1), text=PROMPT, return_tensors="pt"
+    )
     with torch.no_grad():
         feats, (rec,) = A.compress(
             model, globalcom2.make_config("cdpruner", retention_ratio=ratio), inputs["pixel_values"],
@@ -269,10 +275,12 @@ def test_cdpruner_uses_the_instruction(processor):
     cfg = globalcom2.make_config("cdpruner", retention_ratio=0.25)
     recs = []
     for prompt in ("USER: <image>\nwhat is this ? ASSISTANT:", "USER: <image>\nred car left sign ? ASSISTANT:"):
-        inputs = processor(images=demo_image(300, 220), text=prompt, return_tensors="pt")
+        inputs = processor(images=demo_image(height=220, width=300), text=prompt, return_tensors="pt")
         pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
         recs.append(A.compress(model, cfg, pv, sizes, input_ids=inputs["input_ids"])[1][0])
-    only_image = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")  # no text: plain DPP
+    only_image = processor(
+        images=demo_image(height=220, width=300), text="<image>", return_tensors="pt"
+    )  # no text: plain DPP
     plain = A.compress(model, cfg, pv, sizes, input_ids=only_image["input_ids"])[1][0]
     masks = [r.kept_mask() for r in (*recs, plain)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
@@ -290,7 +298,9 @@ def test_cdpruner_uses_the_instruction(processor):
 @pytest.mark.parametrize("size,ratio", CASES[:4])
 def test_dart_matches_the_authors_algorithm_on_embeddings(processor, size, ratio):
     model = tiny_model(seed=6)
-    inputs = processor(images=demo_image(*size, seed=size[0] + 2), text=PROMPT, return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0] + 2), text=PROMPT, return_tensors="pt"
+    )
     with torch.no_grad():
         feats, (rec,) = A.compress(
             model, globalcom2.make_config("dart", retention_ratio=ratio, form="embedding"), inputs["pixel_values"],
@@ -342,10 +352,10 @@ def test_viz_draws_new_methods(processor):
     from globalcom2.tools import viz
 
     model = tiny_model()
-    panels = viz.panels(model, processor, demo_image(300, 220), methods=tuple(NEW), ratios=(0.25,))
+    panels = viz.panels(model, processor, demo_image(height=220, width=300), methods=tuple(NEW), ratios=(0.25,))
     for panel in panels:
         assert panel.kept_patch_counts() == panel.record.kept_per_view().tolist()
-    fig = viz.render(model, processor, demo_image(300, 220), methods=["visionzip"], ratios=[0.25])
+    fig = viz.render(model, processor, demo_image(height=220, width=300), methods=["visionzip"], ratios=[0.25])
     assert "merged/[CLS] not drawn" in fig.axes[0].get_ylabel()
 
 
@@ -365,7 +375,7 @@ def test_flops_token_count_matches_the_adapter(name):
     pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     model = tiny_model(image_size=336, patch_size=14, pinpoints=pins, vision_layers=2)
     processor = tiny_processor(image_size=336, patch_size=14, pinpoints=pins)
-    inputs = processor(images=demo_image(672, 672), text=PROMPT, return_tensors="pt")
+    inputs = processor(images=demo_image(height=672, width=672), text=PROMPT, return_tensors="pt")
     geo = A.Geometry.from_config(model.config)
     for ratio in (0.25, 0.1):
         cfg = globalcom2.make_config(name, retention_ratio=ratio, **({"form": "embedding"} if name == "dart" else {}))

@@ -2,6 +2,7 @@
 processors and tokenizers built in memory, and generated test images. Nothing here downloads anything.
 
 >>> from globalcom2.testing import demo_image, tiny_model, tiny_processor
+>>> image = demo_image(height=220, width=300)   # keywords: (height, width), as transformers' image_sizes
 """
 
 from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
@@ -9,9 +10,9 @@ from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_inter
 from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
 
 
-
 def _demo_llava_next():
-    return tiny_model(**DEMO_SHAPE), tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+    shape = DEMO_SHAPE
+    return tiny_model(**shape), tiny_processor(image_size=shape["image_size"], patch_size=shape["patch_size"])
 
 
 def _demo_llava_onevision():

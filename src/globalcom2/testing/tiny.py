@@ -154,9 +154,14 @@ def tiny_processor(image_size: int = 112, patch_size: int = 14, pinpoints: list[
     )
 
 
-def demo_image(width: int = 300, height: int = 220, seed: int = 0):
-    """A synthetic RGB test picture (gradient sky, sun, blocks, stripes) as a PIL image."""
+def demo_image(*, height: int = 220, width: int = 300, seed: int = 0):
+    """A synthetic RGB test picture (gradient sky, sun, blocks, stripes) of ``height`` x ``width`` px, as a PIL
+    image (``image.size`` is PIL's (width, height)). Keyword-only, so the order cannot be mixed up."""
     from PIL import Image, ImageDraw
+
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]

@@ -89,7 +89,7 @@ def build_model(args: argparse.Namespace):
         prompt = PROMPT
     model = model.to(args.device).eval()
     w, h = args.image_size
-    image = demo_image(w, h)
+    image = demo_image(height=h, width=w)
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return model, inputs

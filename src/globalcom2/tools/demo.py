@@ -36,7 +36,7 @@ def run_demo(method: str = "globalcom2", ratio: float = 0.25, out: str | None = 
     torch.manual_seed(0)
     model = tiny_model(seed=0, **DEMO_SHAPE)
     processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
-    image = demo_image(640, 400)
+    image = demo_image(height=400, width=640)
     inputs = processor(images=image, text=PROMPT, return_tensors="pt")
     geo = adapter.Geometry.from_config(model.config)
     size = tuple(int(x) for x in inputs["image_sizes"][0])

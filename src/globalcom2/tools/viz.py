@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..testing import DEMO_MODELS, demo_image
 
         model, processor = DEMO_MODELS[args.family]()
-        image = demo_image(640, 400) if not args.image else _open(args.image)
+        image = demo_image(height=400, width=640) if not args.image else _open(args.image)
     else:
         import transformers
         from transformers import AutoConfig, AutoProcessor

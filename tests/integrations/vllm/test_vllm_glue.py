@@ -156,7 +156,7 @@ def test_vllm_selection_glue_gives_the_hf_tokens(name, options):
     from globalcom2.testing.tiny import demo_image
 
     model, processor = tiny_model(seed=0), tiny_processor()
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)]
+    imgs = [demo_image(height=220, width=300, seed=1), demo_image(height=400, width=150, seed=2)]
     inputs = processor(
         images=imgs, text=["<image>"] * 2, return_tensors="pt", input_data_format="channels_last", padding=True
     )

@@ -29,7 +29,7 @@ def proc():
 
 @pytest.fixture(scope="module")
 def imgs():
-    return [demo_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i) for i, (w, h) in enumerate(SIZES)]
 
 
 def inputs_for(proc, images, prompts=None):
@@ -93,7 +93,7 @@ def test_pixel_shuffle_groups_are_2x2_patch_blocks_in_raster_order():
 def test_grid_and_stock_count_follow_the_processor(proc, size):
     model_cfg = tiny_internvl_config()
     h, w = size
-    out = proc(images=[demo_image(w, h)], text=[PROMPT], return_tensors="pt")
+    out = proc(images=[demo_image(height=h, width=w)], text=[PROMPT], return_tensors="pt")
     geo = internvl.Geometry.from_config(model_cfg)
     grid = geo.grid(size)
     n_img = int((out["input_ids"] == model_cfg.image_token_id).sum())
@@ -255,7 +255,7 @@ def test_single_tile_image_is_its_own_global_view(proc, imgs):
 
 def test_crop_grid_is_read_from_the_tiles_and_decides_the_layout(proc):
     model = tiny_internvl_model()
-    wide, tall = demo_image(300, 200), demo_image(200, 300)  # 6 tiles each: 2 x 3 and 3 x 2
+    wide, tall = demo_image(height=200, width=300), demo_image(height=300, width=200)  # 6 tiles each: 2 x 3 and 3 x 2
     inputs, sizes = inputs_for(proc, [wide])
     globalcom2.apply(model, retention_ratio=0.5)
     cfg = globalcom2.get_config(model)
@@ -413,7 +413,7 @@ def test_eager_and_sdpa_agree_bf16_runs_and_remove_is_bit_exact(proc, imgs):
 def test_counts_equal_the_formula(proc, size, method, options):
     model = tiny_internvl_model()
     h, w = size
-    inputs, sizes = inputs_for(proc, [demo_image(w, h)])
+    inputs, sizes = inputs_for(proc, [demo_image(height=h, width=w)])
     globalcom2.apply(model, method=method, retention_ratio=0.3, **options)
     with torch.no_grad():
         _, _, (rec,) = internvl.ADAPTER.prepare_images(

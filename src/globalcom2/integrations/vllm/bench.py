@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     shape = model_shape(args.vision_layers, args.text_layers)
     cfg = tiny_config(**shape)
-    images = [demo_image(*IMAGE_SIZES[i % len(IMAGE_SIZES)], seed=i) for i in range(args.requests)]
+    sizes = [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(args.requests)]  # (width, height)
+    images = [demo_image(height=h, width=w, seed=i) for i, (w, h) in enumerate(sizes)]
     geo = Geometry.from_config(cfg)
     max_model_len = max(geo.stock_tokens((h, w)) for w, h in IMAGE_SIZES) + 64 + args.max_tokens
     lm = LMShape.from_config(cfg)
