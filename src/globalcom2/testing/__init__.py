@@ -16,15 +16,16 @@ def _demo_llava_next():
 
 
 def _demo_llava_onevision():
-    return tiny_onevision_model(), tiny_onevision_processor()
+    return tiny_onevision_model(text_layers=4), tiny_onevision_processor()
 
 
 def _demo_internvl():
-    return tiny_internvl_model(), tiny_internvl_processor()
+    return tiny_internvl_model(text_layers=4), tiny_internvl_processor()
 
 
-#: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools;
-#: a new family adds its entry here
+#: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools
+#: (``globalcom2 demo/viz/bench --family``); 4 language-model layers each, so that every registered method runs
+#: (SparseVLM with ``layers=(0, 1, 2)``). A new family adds its entry here
 DEMO_MODELS = {"llava_next": _demo_llava_next, "llava_onevision": _demo_llava_onevision, "internvl": _demo_internvl}
 
 __all__ = [
