@@ -10,6 +10,7 @@ from globalcom2.models import llava_next as A
 from globalcom2.models import towers
 from globalcom2.testing.tiny import demo_image, tiny_model, tiny_processor
 from oracles.reference_cdpruner import reference_tokens as cdpruner_reference
+from oracles.reference_cdpruner import reference_tokens_unpad as cdpruner_reference_unpad
 from oracles.reference_dart import reference_keep as dart_reference
 from oracles.reference_divprune import reference_tokens as divprune_reference
 from oracles.reference_visionzip import reference_tokens as visionzip_reference
@@ -32,12 +33,11 @@ def _divprune_counts(rec, ratio):
 
 
 def _cdpruner_counts(rec, ratio):
-    """T per view, less the crop picks that fall in the padding; a newline per unpadded row."""
+    """T per view over the padded grid (the branch their code executes), no newlines."""
     t = max(1, round(rec.side**2 * ratio))
     kept = rec.kept_per_view().tolist()
-    assert kept[0] == t and all(k <= t for k in kept[1:])
-    rows = int(rec.valid.view(-1, rec.side, rec.side).any(2).view(rec.grid[0], rec.grid[1], rec.side).any(1).sum())
-    return kept, rows
+    assert kept == [t] * (1 + rec.grid[0] * rec.grid[1])
+    return kept, 0
 
 
 def _dart_counts(rec, ratio):
@@ -233,21 +233,30 @@ def test_divprune_per_view(processor):
 
 
 @pytest.mark.parametrize("size,ratio", [((300, 220), 0.25), ((150, 400), 0.1), ((500, 120), 0.4)])
-def test_cdpruner_matches_authors_code(processor, size, ratio):
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cdpruner_matches_authors_code(processor, size, ratio, unpad):
+    """The default is the branch their code executes (``spatial``: no unpadding, no newlines); ``unpad=True`` the
+    ``spatial_unpad`` branch their ``replace('_unpad', '')`` switches off."""
     model = tiny_model(seed=5)
     inputs = processor(
         images=demo_image(height=size[1], width=size[0], seed=size[0] + 1), text=PROMPT, return_tensors="pt"
     )
+    options = {"unpad": True} if unpad else {}
     with torch.no_grad():
         feats, (rec,) = A.compress(
-            model, globalcom2.make_config("cdpruner", retention_ratio=ratio), inputs["pixel_values"],
+            model, globalcom2.make_config("cdpruner", retention_ratio=ratio, **options), inputs["pixel_values"],
             inputs["image_sizes"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
         )  # fmt: skip
         views, _, sizes = encode(model, inputs["pixel_values"], inputs["image_sizes"])
         ids = inputs["input_ids"][0]
         text = model.get_input_embeddings()(ids[ids != model.config.image_token_id])
     N = views[0].shape[1]
-    ref = cdpruner_reference(views[0], text, rec.grid, sizes[0], max(1, round(N * ratio)), model.model.image_newline)
+    t = max(1, round(N * ratio))
+    if unpad:
+        ref = cdpruner_reference_unpad(views[0], text, rec.grid, sizes[0], t, model.model.image_newline)
+    else:
+        ref = cdpruner_reference(views[0], text, rec.grid, t)
+        assert ref.shape[0] == (1 + rec.grid[0] * rec.grid[1]) * t  # all T picks of every view
     assert feats[0].shape == ref.shape
     torch.testing.assert_close(feats[0], ref.to(feats[0].dtype), rtol=0, atol=0)
 
