@@ -413,3 +413,25 @@ def test_stock_sequence_methods_keep_everything_at_ratio_one_even_for_images_thi
             )  # fmt: skip
             stock = _stock_tokens(model, inputs)
         assert torch.equal(feats[0], stock), (name, width, height)
+
+
+def test_divprune_unpad_rounding_follows_transformers_or_their_truncation(processor):
+    """Their ``unpad_image`` truncates where transformers rounds: rare sizes differ by whole rows (352x110 px at
+    336 px views: 1360 stock tokens, 1262 in their code); ``unpad_rounding="authors"`` takes theirs."""
+    from globalcom2.tools.flops import llava_next_config
+
+    config = llava_next_config()
+    assert globalcom2.budget.stock_image_tokens(config, (110, 352)) == 1360
+    counts = {
+        r: globalcom2.num_image_tokens(config, (110, 352), "divprune", retention_ratio=1.0, unpad_rounding=r)
+        for r in ("transformers", "authors")
+    }
+    assert counts == {"transformers": 1360, "authors": 1262}
+    model = tiny_model()  # 112 px views: a 376 x 47 px image is such a size
+    inputs = processor(images=demo_image(height=47, width=376), text="<image>", return_tensors="pt")
+    for rounding, rows in (("transformers", 4), ("authors", 2)):
+        cfg = globalcom2.make_config("divprune", retention_ratio=1.0, unpad_rounding=rounding)
+        feats, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+        assert feats[0].shape[0] == 64 + rows * (24 + 1) == globalcom2.num_image_tokens(model, (47, 376), cfg)
+    with pytest.raises(ValueError, match="unpad_rounding must be one of"):
+        globalcom2.make_config("divprune", unpad_rounding="round")
