@@ -46,29 +46,36 @@ def greedy_map(kernel, t):
     return sorted(chosen)
 
 
+def _picks(feats, text, t):
+    """Every view's T picks (ascending) by the slow greedy, and S tokens per side."""
+    kernel = reference_kernel(feats, text)
+    return [greedy_map(kernel[i], t) for i in range(feats.shape[0])], int(feats.shape[1] ** 0.5)
+
+
+def _kept_in_row(feats, keep, side, npw, row, cols):
+    """The kept crop tokens of one row of the whole padded grid, left to right over ``cols``."""
+    out = []
+    for col in cols:
+        crop = (row // side) * npw + col // side
+        pos = (row % side) * side + col % side
+        if pos in keep[1 + crop]:
+            out.append(feats[1 + crop][pos])
+    return out
+
+
 def reference_tokens(feats, text, grid, t):
     """The branch their code executes: thumbnail picks, then the crops' picks across the padded grid."""
-    v, n, d = feats.shape
-    side = int(n**0.5)
-    kernel = reference_kernel(feats, text)
-    keep = [greedy_map(kernel[i], t) for i in range(v)]
+    keep, side = _picks(feats, text, t)
     out = [feats[0][p] for p in keep[0]]
     nph, npw = grid
     for row in range(nph * side):  # image_feature.permute(0, 2, 1, 3).flatten(0, 3): rows across the crops
-        for col in range(npw * side):
-            crop = (row // side) * npw + col // side
-            pos = (row % side) * side + col % side
-            if pos in keep[1 + crop]:
-                out.append(feats[1 + crop][pos])
+        out += _kept_in_row(feats, keep, side, npw, row, range(npw * side))
     return torch.stack(out)
 
 
 def reference_tokens_unpad(feats, text, grid, image_hw, t, newline):
     """The ``spatial_unpad`` branch their ``replace('_unpad', '')`` switches off."""
-    v, n, d = feats.shape
-    side = int(n**0.5)
-    kernel = reference_kernel(feats, text)
-    keep = [greedy_map(kernel[i], t) for i in range(v)]
+    keep, side = _picks(feats, text, t)
     out = [feats[0][p] for p in keep[0]]
     nph, npw = grid
     H, W = image_hw
@@ -81,10 +88,6 @@ def reference_tokens_unpad(feats, text, grid, image_hw, t, newline):
         pad = (cw - int(W * (ch / H))) // 2
         left, right = pad, cw - pad
     for row in range(top, bottom):
-        for col in range(left, right):
-            crop = (row // side) * npw + col // side
-            pos = (row % side) * side + col % side
-            if pos in keep[1 + crop]:
-                out.append(feats[1 + crop][pos])
+        out += _kept_in_row(feats, keep, side, npw, row, range(left, right))
         out.append(newline)
     return torch.stack(out)

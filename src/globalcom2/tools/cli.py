@@ -11,17 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .common import (
-    Parser,
-    checkpoint_dir,
-    existing_file,
-    known_family,
-    method_config,
-    resolve_device,
-    resolve_dtype,
-    run_verb,
-)
-from .common import summary as _summary
+from . import common
+from .common import Parser, method_config, run_verb
 
 TOOLS = {
     "flops": ("globalcom2.tools.flops", "analytic prefill FLOPs / KV cache (paper Eq. 8, Tables VI-VII)"),
@@ -52,7 +43,7 @@ def demo_main(argv: list[str]) -> int:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats for the prefill ratio")
     args = p.parse_args(argv)
-    known_family(p, args.family)
+    common.known_family(p, args.family)
     cfg = method_config(p, args.method, args.ratio)
     if cfg.where != "vision":
         why = "the demo shows a vision-side method (`globalcom2 methods` marks them [vision])"
@@ -68,9 +59,7 @@ def demo_main(argv: list[str]) -> int:
     except ValueError as err:
         p.fail("--method", args.method, err)
     if args.out:
-        from .common import writable
-
-        writable(p, "--out", args.out)
+        common.writable(p, "--out", args.out)
     return run_demo(method=args.method, ratio=args.ratio, out=args.out, repeats=args.repeats, family=args.family,
                     model=model, processor=processor)  # fmt: skip
 
@@ -89,8 +78,8 @@ def generate_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     stock = args.method in ("none", "stock")
     cfg = None if stock else method_config(p, args.method, args.ratio)
-    checkpoint_dir(p, "--model", args.model)
-    existing_file(p, "--image", args.image)  # before any model is loaded
+    common.checkpoint_dir(p, "--model", args.model)
+    common.existing_file(p, "--image", args.image)  # before any model is loaded
     if args.max_new_tokens < 1:
         p.fail("--max-new-tokens", args.max_new_tokens, "must be >= 1")
 
@@ -104,9 +93,9 @@ def generate_main(argv: list[str]) -> int:
         image = Image.open(args.image).convert("RGB")
     except OSError as err:
         p.fail("--image", args.image, f"not an image PIL can read ({err})")
-    device = resolve_device(args.device)
+    device = common.resolve_device(args.device)
     try:
-        model, processor = load_checkpoint(args.model, resolve_dtype(args.dtype, device), device)
+        model, processor = load_checkpoint(args.model, common.resolve_dtype(args.dtype, device), device)
     except TypeError as err:
         p.fail("--model", args.model, err)
     if cfg is not None:
@@ -150,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_verb(argv[0], VERBS[argv[0]][0], argv[1:])
     if argv and argv[0] in TOOLS:
         return run_verb(argv[0], _tool_main(argv[0]), argv[1:])
-    parser = Parser(prog="globalcom2", description=_summary(__doc__))
+    parser = Parser(prog="globalcom2", description=common.summary(__doc__))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in {**VERBS, **TOOLS}.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -228,18 +228,10 @@ def render_image(*args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 viz``."""
-    from .common import (
-        Parser,
-        checkpoint_dir,
-        existing_file,
-        known_family,
-        method_config,
-        resolve_device,
-        summary,
-        writable,
-    )
+    from . import common
+    from .common import Parser, method_config
 
-    ap = Parser(prog="globalcom2 viz", description=summary(__doc__))
+    ap = Parser(prog="globalcom2 viz", description=common.summary(__doc__))
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local checkpoint of a supported family (LLaVA-NeXT, OneVision, InternVL -hf)")
     src.add_argument("--demo", action="store_true", help="tiny random-weight model and a generated image")
@@ -254,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.model and not args.image:
         ap.error("--image is required with --model")
-    known_family(ap, args.family)
+    common.known_family(ap, args.family)
     from .. import make_config
     from ..models import adapter_for
 
@@ -263,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = method_config(ap, m, r)
             if cfg.where != "vision" and "embedding" not in cfg.forms:
                 ap.fail("--method", m, "prunes inside the language model; only vision-side methods can be drawn")
-    checkpoint_dir(ap, "--model", args.model)
-    existing_file(ap, "--image", args.image)  # before any model is loaded
-    writable(ap, "--out", args.out)
+    common.checkpoint_dir(ap, "--model", args.model)
+    common.existing_file(ap, "--image", args.image)  # before any model is loaded
+    common.writable(ap, "--out", args.out)
     from ..testing import DEMO_MODELS, demo_image
 
     if args.demo:
@@ -286,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter_for(model).resolve(make_config(m, retention_ratio=args.ratio[0]), model.config)
         except ValueError as err:
             ap.fail("--method", m, err)
-    model = model.to(resolve_device(args.device)).eval()
+    model = model.to(common.resolve_device(args.device)).eval()
     fig = render(model, processor, image, methods=args.method, ratios=args.ratio, random_weights=args.demo)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"saved {args.out}")
