@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model = tiny_model(seed=0, **shape).to(args.device)
     processor = tiny_processor(image_size=336, patch_size=14)
     prompt = "USER: <image>\nwhat is the color of the car on the left ? ASSISTANT:"
-    inputs = processor(images=demo_image(672, 672), text=prompt, return_tensors="pt").to(args.device)
+    inputs = processor(images=demo_image(height=672, width=672), text=prompt, return_tensors="pt").to(args.device)
     pv, sizes = inputs["pixel_values"][0], inputs["image_sizes"]
     size_list = [tuple(int(x) for x in sizes[0].tolist())]
     geo = A.Geometry.from_config(model.config)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
-            model, processor, sizes = tiny_model(seed=0, text_heads=2), tiny_processor(), ((300, 220), (150, 400))
+            model, processor, sizes = tiny_model(seed=0, text_heads=2), tiny_processor(), ((220, 300), (400, 150))
         else:
             model, processor, sizes = tiny_model(seed=0, **model_shape(2, 2)), tiny_processor(336, 14), IMAGE_SIZES
         path = save_llava_hf_checkpoint(model, processor, os.path.join(tmp, "m"))
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         for llm in engines.values():  # warm-up
-            llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": demo_image(336, 336, seed=99)}}], params,
-                         use_tqdm=False)  # fmt: skip
+            warm = demo_image(height=336, width=336, seed=99)
+            llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": warm}}], params, use_tqdm=False)
         rows = []
         for i in range(args.requests):
-            w, h = sizes[i % len(sizes)]
-            img = demo_image(w, h, seed=i)
+            h, w = sizes[i % len(sizes)]
+            img = demo_image(height=h, width=w, seed=i)
             order = list(engines.items()) if i % 2 == 0 else list(engines.items())[::-1]  # neither always first
             for name, llm in order:
                 TIMES.clear()
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - t0
                 parts = {p: TIMES[f"{name}.{p}"] for p in ("tower", "select", "lm")}
                 extra = {f"{p}_s": TIMES[f"{name}.{p}"] for p in ("embed", "count")}
-                row = {"engine": name, "image_wh": [w, h], "prompt_tokens": len(out[0].prompt_token_ids),
+                row = {"engine": name, "image_hw": [h, w], "prompt_tokens": len(out[0].prompt_token_ids),
                        "wall_s": wall, **{f"{p}_s": v for p, v in parts.items()},
                        "other_s": wall - sum(parts.values()), **extra}  # fmt: skip
                 rows.append(row)

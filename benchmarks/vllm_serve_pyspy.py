@@ -33,7 +33,7 @@ from globalcom2.integrations.vllm.server import (
 )
 from globalcom2.testing import demo_image, tiny_model, tiny_processor
 
-SIZES = ((300, 220), (150, 400), (500, 120), (224, 224))
+SIZES = ((220, 300), (400, 150), (120, 500), (224, 224))  # (height, width)
 RATE = 200
 
 
@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--py-spy", default="/tmp/pyspy/bin/py-spy")
     args = ap.parse_args(argv)
-    bodies = [chat_body("tiny", [data_url(image_bytes(demo_image(*SIZES[i % 4], seed=5000 + i)))], "what is this ?", 16)
-              for i in range(args.requests)]  # fmt: skip
+    hw = [SIZES[i % len(SIZES)] for i in range(args.requests)]
+    urls = [data_url(image_bytes(demo_image(height=h, width=w, seed=5000 + i))) for i, (h, w) in enumerate(hw)]
+    bodies = [chat_body("tiny", [u], "what is this ?", 16) for u in urls]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_llava_hf_checkpoint(tiny_model(seed=0, text_heads=2), tiny_processor(), os.path.join(tmp, "m"))
         template = os.path.join(tmp, "chat.jinja")
@@ -77,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                 s.wait_ready(900)
                 url = s.url + "/v1/chat/completions"
                 with httpx.Client(timeout=300) as c:
-                    for i, (w, h) in enumerate(SIZES):  # warm-up
+                    for i, (h, w) in enumerate(SIZES):  # warm-up
                         c.post(
                             url,
-                            json=chat_body("tiny", [data_url(image_bytes(demo_image(w, h, seed=9000 + i)))], "x", 2),
+                            json=chat_body(
+                                "tiny", [data_url(image_bytes(demo_image(height=h, width=w, seed=9000 + i)))], "x", 2
+                            ),
                         )
                 worker = next(p.pid for p in s._tree() if p.name() == "VLLM::Worker")
                 out = os.path.join(tmp, "spy.txt")

@@ -6,6 +6,11 @@ Every ``name==version`` pin of the lock must be installed at exactly that versio
 installed except pip's own tools and this project. The message names each difference, e.g.
 ``filelock 4.3.1 installed, lock says 4.2.12``, so a moved dependency shows up here and not as a mystery
 deep inside a test. Standard library only: it checks the interpreter that runs it.
+
+One exception, for torch only: a lock pin without a local version label (``torch==2.13.0``) also accepts
+an installed local build of that exact release (``2.13.0+cpu``, ``2.13.0+cu128``), as PEP 440's ``==``
+does. The locks pin torch that way so that their install command works on public PyPI (whose 2.13.0 is
+the CUDA build) as well as on an index serving the CPU build; every other package must match exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 #: installed but never in a lock: ``pip freeze`` leaves out pip's own tools; the project is installed editable
 IGNORED = frozenset({"pip", "setuptools", "wheel", "distribute", "globalcom2"})
+#: pins that accept a local build (``X+label``) of their exact release when they name none themselves
+LOCAL_LABEL_OK = frozenset({"torch"})
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)")
 
 
@@ -44,6 +51,14 @@ def installed_distributions() -> dict[str, str]:
     return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
 
 
+def matches(name: str, want: str, have: str) -> bool:
+    """Whether installed version ``have`` satisfies the lock's ``want``: equal, or for torch (``LOCAL_LABEL_OK``) a
+    local build of the release the lock names without a label (``2.13.0`` accepts ``2.13.0+cpu``)."""
+    if have == want:
+        return True
+    return name in LOCAL_LABEL_OK and "+" not in want and have.split("+", 1)[0] == want
+
+
 def drift(lock: dict[str, str], installed: dict[str, str], ignored: frozenset[str] = IGNORED) -> list[str]:
     """One readable line per difference between the lock and the installed set, sorted by name."""
     problems = []
@@ -55,7 +70,7 @@ def drift(lock: dict[str, str], installed: dict[str, str], ignored: frozenset[st
             problems.append(f"{name} {have} installed, not in the lock")
         elif have is None:
             problems.append(f"{name} not installed, lock says {want}")
-        elif have != want:
+        elif not matches(name, want, have):
             problems.append(f"{name} {have} installed, lock says {want}")
     return problems
 
@@ -74,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in problems:
             print(f"  {line}", file=sys.stderr)
         print(
-            f"install it exactly with `python -m pip install --no-deps -r {path} -e .` in a fresh venv,"
-            " or regenerate the lock with `bash scripts/lock.sh`",
+            f"install it exactly with `python -m pip install --no-deps -r {path} .` in a fresh venv"
+            " (scripts/test-range.sh does), or regenerate the lock with `bash scripts/lock.sh`",
             file=sys.stderr,
         )
         return 1

@@ -9,8 +9,11 @@
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu so that `torch==X` resolves to `X+cpu`);
 # then this project with the extras test, viz and eval (the floor lock also pins transformers==FLOOR);
 # then the CUDA-linked torchvision that lmms-eval pulls in is removed (nothing here needs it and it
-# breaks imports next to a CPU torch); then `pip freeze --exclude-editable` becomes the lock.
-# Install a lock exactly, with no resolver involved:
+# breaks imports next to a CPU torch); then `pip freeze --exclude-editable` becomes the lock, with
+# torch's local version label dropped (`torch==2.13.0`, not `2.13.0+cpu`): PEP 440's `==2.13.0` matches
+# any local build of 2.13.0, so the lock installs from public PyPI (the CUDA build) as well as from an
+# index serving the CPU build, and scripts/check_lock.py accepts a local label on torch only.
+# Install a lock exactly, with no resolver involved (scripts/test-range.sh installs the built wheel):
 #   python -m pip install --no-deps -r requirements/ci.lock.txt -e .
 # Environment: PYTHON (default python3; the locks are made with CPython 3.11 on linux x86_64),
 # TORCH / FLOOR_TRANSFORMERS (override the pins below), OUT (write the lock elsewhere),
@@ -39,7 +42,9 @@ lock() {  # lock NAME [extra requirement...]
         echo "# Regenerate: bash scripts/lock.sh $name     Install: python -m pip install --no-deps -r $out -e ."
         echo "# Made with $("$py" -c 'import platform; print("CPython", platform.python_version(), platform.system(), platform.machine())'); torch $TORCH${*:+; $*}."
         echo "# torchvision is left out on purpose (see scripts/lock.sh); .ci/run checks an install against this file."
-        "$py" -m pip freeze --exclude-editable | LC_ALL=C sort -f
+        echo "# torch is pinned without its local label (2.13.0, not 2.13.0+cpu) so that public PyPI can install it too;"
+        echo "# scripts/check_lock.py accepts any local build of that version for torch only (see scripts/lock.sh)."
+        "$py" -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*$/\1/' | LC_ALL=C sort -f
     } >"$out.tmp"
     mv "$out.tmp" "$out"
     echo "wrote $out ($(grep -vc '^#' "$out") pins)"

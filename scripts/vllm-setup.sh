@@ -52,7 +52,7 @@ say "installing globalcom2 (editable, no dependencies) from $ROOT"
 if "$PY" -c 'import pytest' >/dev/null 2>&1; then
     say "pytest present"
 else
-    say "installing pytest (runs tests/test_vllm.py)"
+    say "installing pytest (runs tests/integrations/vllm)"
     "${PIP[@]}" install "${LOCK[@]}" pytest
 fi
 

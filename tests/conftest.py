@@ -27,7 +27,11 @@ def model():
 @pytest.fixture(scope="session")
 def images():
     """Images of different sizes and aspect ratios (different AnyRes grids and paddings)."""
-    return [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+    return [
+        demo_image(height=220, width=300, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=120, width=500, seed=3),
+    ]
 
 
 def make_inputs(processor, imgs, prompts=None):

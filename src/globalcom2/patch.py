@@ -35,8 +35,10 @@ def apply(model: nn.Module, method: str | MethodConfig = "globalcom2", **options
     """Compress the visual tokens of this model instance; returns the model.
 
     ``method`` is a registered name (see ``available_methods()``) or a config object; ``options``
-    are that method's fields, e.g. ``retention_ratio=0.25``. Calling ``apply`` again reconfigures.
-    Everything is validated before the model is touched, so a bad call leaves it as it was.
+    are that method's fields, e.g. ``retention_ratio=0.25``, and start from the method's defaults (not
+    from the config the model ran before). Calling ``apply`` again reconfigures. ``num_image_tokens(model,
+    size, method, **options)`` follows the same rule, so it counts exactly what ``apply`` with the same
+    words runs. Everything is validated before the model is touched, so a bad call leaves it as it was.
     """
     cfg = config_from(method, options)
     adapter = adapter_for(model)

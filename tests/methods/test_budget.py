@@ -254,7 +254,11 @@ def test_ratio_one_neutral_options_count_equals_stock_for_any_size():
 
 
 def test_ratio_one_neutral_options_feed_the_llm_stock_input(model, processor):
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+    imgs = [
+        demo_image(height=220, width=300, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=120, width=500, seed=3),
+    ]
     inputs = make_inputs(processor, imgs)
     seen, handle = lm_inputs(model)
     with torch.no_grad():
@@ -278,7 +282,7 @@ def test_tiny_model_emits_num_image_tokens_for_any_picture(model, processor):
         expected = globalcom2.num_image_tokens(model, (h, w), method=method)
         counts = set()
         for seed in range(3):
-            inputs = processor(images=demo_image(w, h, seed=seed), text="<image>", return_tensors="pt")
+            inputs = processor(images=demo_image(height=h, width=w, seed=seed), text="<image>", return_tensors="pt")
             noise = torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
             for pixels in (inputs["pixel_values"], noise * 4 - 2):  # a picture and pure noise
                 _, recs = A.compress(model, method, pixels, inputs["image_sizes"])
@@ -287,7 +291,11 @@ def test_tiny_model_emits_num_image_tokens_for_any_picture(model, processor):
 
 
 def test_forward_and_batch_with_exact_budget(model, processor):
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+    imgs = [
+        demo_image(height=220, width=300, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=120, width=500, seed=3),
+    ]
     prompts = [PROMPT, "USER: <image>\nhow many ? ASSISTANT:", "USER: <image>\ndescribe the picture please ASSISTANT:"]
     globalcom2.apply(model, retention_ratio=0.3, budget="exact")
     batch = make_inputs(processor, imgs, prompts)
@@ -385,8 +393,9 @@ def test_readme_table_formulas_for_the_other_methods():
         thumb = math.floor(n_view * ratio)
         rounded = min(max(1, math.floor(n_view * ratio + 0.5)), n_view)  # round() of these products: no .5 ties
         d = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(0)))
+        held = rounded if ratio >= 1 else min(rounded, geo.stock_tokens(size) // (1 + n))  # never above stock
         expected = {
-            ("fastervlm", False): (1 + n) * rounded,
+            ("fastervlm", False): (1 + n) * held,
             ("fastervlm", True): thumb + int(per_crop.sum()) + h,
             ("thumbnail_only", None): thumb,
             ("crops_only", None): int(per_crop.sum()) + h,
@@ -415,8 +424,9 @@ NEWER_OPTIONS = [
     ("divprune", {"granularity": "view"}),
     ("dart", {"form": "embedding"}),
     ("dart", {"form": "embedding", "pivot_image_tokens": 2, "pivot_text_tokens": 3}),
-    ("cdpruner", {"budget": "exact"}),
-    ("cdpruner", {"budget": "exact", "text_pooling": "tokens"}),
+    ("cdpruner", {}),
+    ("cdpruner", {"budget": "exact", "unpad": True}),
+    ("cdpruner", {"budget": "exact", "text_pooling": "tokens", "unpad": True}),
     ("composed", {"selector": "visionzip", "budget": "exact"}),
     ("composed", {"selector": "cdpruner", "allocation": "uniform", "layout": "spatial"}),
 ]
@@ -432,7 +442,7 @@ def test_newer_methods_emit_num_image_tokens_for_any_picture(processor, name, op
         expected = globalcom2.num_image_tokens(model, (h, w), method=method)
         counts = set()
         for seed in range(2):
-            inputs = make_inputs(processor, [demo_image(w, h, seed=seed)])
+            inputs = make_inputs(processor, [demo_image(height=h, width=w, seed=seed)])
             noise = torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed))
             for pixels in (inputs["pixel_values"], noise * 4 - 2):  # a picture and pure noise
                 _, recs = A.compress(model, method, pixels, inputs["image_sizes"], inputs["input_ids"])
@@ -452,7 +462,8 @@ def test_newer_method_counts_are_their_formulas():
         n = nph * npw
         stock = geo.stock_tokens(size)
         k = min(max(1, math.floor(n_view * ratio + 0.5)), n_view)
-        assert globalcom2.num_image_tokens(cfg, size, "visionzip", retention_ratio=ratio) == (1 + n) * k
+        held = k if ratio >= 1 else min(k, stock // (1 + n))  # R < 1: at most stock's count
+        assert globalcom2.num_image_tokens(cfg, size, "visionzip", retention_ratio=ratio) == (1 + n) * held
         assert globalcom2.num_image_tokens(cfg, size, "divprune", retention_ratio=ratio) == min(
             max(round(ratio * stock), 1), stock
         )
@@ -461,15 +472,17 @@ def test_newer_method_counts_are_their_formulas():
         box = core.unpadded_box((nph, npw), geo.side, size)  # CDPruner truncates like the authors' unpad_image
         n_tok = core.box_mask(box, (nph, npw), geo.side).sum(1)
         per_view = [min(max(1, round(ratio * int(c))), int(c)) for c in [n_view, *n_tok.tolist()]]
-        exact = globalcom2.num_image_tokens(cfg, size, "cdpruner", retention_ratio=ratio, budget="exact")
+        exact = globalcom2.num_image_tokens(cfg, size, "cdpruner", retention_ratio=ratio, budget="exact", unpad=True)
         assert exact == sum(per_view) + (box[1] - box[0]), (size, ratio)
+        executed = globalcom2.num_image_tokens(cfg, size, "cdpruner", retention_ratio=ratio)  # no unpad, no newlines
+        assert executed == (1 + n) * held, (size, ratio)
 
 
 def test_cdpruner_exact_budget_picks_inside_the_unpadded_tokens(processor):
     model = tiny_model(seed=7)
-    inputs = make_inputs(processor, [demo_image(500, 120, seed=1)])  # crops with letterbox padding
-    authors = globalcom2.make_config("cdpruner", retention_ratio=0.5)
-    exact = globalcom2.make_config("cdpruner", retention_ratio=0.5, budget="exact")
+    inputs = make_inputs(processor, [demo_image(height=120, width=500, seed=1)])  # crops with letterbox padding
+    authors = globalcom2.make_config("cdpruner", retention_ratio=0.5, unpad=True)
+    exact = globalcom2.make_config("cdpruner", retention_ratio=0.5, budget="exact", unpad=True)
     _, (a,) = A.compress(model, authors, inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"])
     _, (e,) = A.compress(model, exact, inputs["pixel_values"], inputs["image_sizes"], inputs["input_ids"])
     n_tok = e.valid.sum(1)

@@ -42,7 +42,7 @@ def test_per_crop_counts_are_globalcom2s(processor, selector, allocation):
     pinned = "softmax_sum" if allocation == "globalcom2" else "uniform"
     for i, (w, h) in enumerate(SIZES):
         ratio = (0.5, 0.3, 0.1, 0.75)[i]
-        img = demo_image(w, h, seed=i)
+        img = demo_image(height=h, width=w, seed=i)
         budget = "exact" if i % 2 else "authors"
         gc = globalcom2.make_config("globalcom2", retention_ratio=ratio, allocation=pinned, budget=budget)
         cfg = globalcom2.make_config(
@@ -79,13 +79,15 @@ def test_globalcom2_selector_is_globalcom2_token_for_token(processor, options):
     gc = globalcom2.make_config("globalcom2", retention_ratio=0.3, **gc_opts)
     cfg = globalcom2.make_config("composed", retention_ratio=0.3, selector="globalcom2", **options)
     for i, (w, h) in enumerate(SIZES):
-        img = demo_image(w, h, seed=10 + i)
+        img = demo_image(height=h, width=w, seed=10 + i)
         f_ref, ref = _run(model, processor, gc, img)
         f, rec = _run(model, processor, cfg, img)
         assert torch.equal(rec.order, ref.order), (options, (w, h))
         assert torch.equal(f, f_ref)
     # and through apply: the language model receives the very same input
-    inputs = make_inputs(processor, [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)], [PROMPT] * 2)
+    inputs = make_inputs(
+        processor, [demo_image(height=220, width=300, seed=1), demo_image(height=400, width=150, seed=2)], [PROMPT] * 2
+    )
     seen, handle = lm_inputs(model)
     with torch.no_grad():
         for c in (gc, cfg):
@@ -100,8 +102,10 @@ def test_uniform_allocation_with_globalcom2_selector_is_the_uniform_variant(proc
     model = tiny_model(seed=2)
     cfg = globalcom2.make_config("composed", retention_ratio=0.4, allocation="uniform")
     for w, h in SIZES[:2]:
-        _, ref = _run(model, processor, globalcom2.make_config("uniform", retention_ratio=0.4), demo_image(w, h))
-        _, rec = _run(model, processor, cfg, demo_image(w, h))
+        _, ref = _run(
+            model, processor, globalcom2.make_config("uniform", retention_ratio=0.4), demo_image(height=h, width=w)
+        )
+        _, rec = _run(model, processor, cfg, demo_image(height=h, width=w))
         assert torch.equal(rec.order, ref.order)
 
 
@@ -113,7 +117,7 @@ def test_selectors_pick_inside_each_crop_by_their_own_rule(processor):
     from globalcom2.methods.divprune import max_min_diverse
 
     model = tiny_model(seed=3)
-    img = demo_image(300, 220, seed=5)
+    img = demo_image(height=220, width=300, seed=5)
     inputs = make_inputs(processor, [img])
     feats, scores, _ = encode(model, inputs["pixel_values"], inputs["image_sizes"])
     feats, scores = feats[0], scores[0]  # (V, N, D), (V, N)
@@ -148,7 +152,7 @@ def test_selectors_pick_inside_each_crop_by_their_own_rule(processor):
 def test_visionzip_selector_merges_the_rest_of_each_crop(processor):
     model = tiny_model(seed=3)
     cfg = globalcom2.make_config("composed", retention_ratio=0.5, selector="visionzip", contextual_share=0.25)
-    feats, rec = _run(model, processor, cfg, demo_image(300, 220, seed=2))
+    feats, rec = _run(model, processor, cfg, demo_image(height=220, width=300, seed=2))
     sel = rec.selection
     n_patch = int(sel.thumb_keep.numel() + sel.crop_keep.sum())
     assert sel.extra is not None and feats.shape[0] == rec.num_tokens
@@ -158,7 +162,7 @@ def test_visionzip_selector_merges_the_rest_of_each_crop(processor):
     torch.testing.assert_close(feats[-sel.extra.shape[0] :], projected)
     assert rec.num_tokens == n_patch + sel.extra.shape[0] + rec.grid[0] * rec.side  # + authors-layout newlines
     # dominant patches are each crop's top by [CLS] attention
-    inputs = make_inputs(processor, [demo_image(300, 220, seed=2)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300, seed=2)])
     _, scores, _ = encode(model, inputs["pixel_values"], inputs["image_sizes"])
     for j in range(rec.valid.shape[0]):
         pos = rec.valid[j].nonzero().squeeze(1)
@@ -230,7 +234,10 @@ def test_num_image_tokens_predicts_the_run(processor, selector):
             cfg = globalcom2.make_config("composed", **opts)
             k = globalcom2.num_image_tokens(model.config, (h, w), method="composed", **opts)
             for seed in range(2):
-                assert _run(model, processor, cfg, demo_image(w, h, seed=seed))[1].num_tokens == k, (opts, (w, h))
+                assert _run(model, processor, cfg, demo_image(height=h, width=w, seed=seed))[1].num_tokens == k, (
+                    opts,
+                    (w, h),
+                )
     with pytest.raises(ValueError, match=r"method 'composed'.*depends on the image's content.*budget='exact'"):
         globalcom2.num_image_tokens(tiny_config(), (300, 220), method="composed", selector=selector)
 
@@ -274,7 +281,7 @@ def test_viz_draws_a_composed_config(processor):
 
     model = tiny_model()
     cfg = globalcom2.make_config("composed", selector="divprune")
-    ps = viz.panels(model, processor, demo_image(300, 220), methods=("composed", cfg), ratios=(0.25,))
+    ps = viz.panels(model, processor, demo_image(height=220, width=300), methods=("composed", cfg), ratios=(0.25,))
     assert len(ps) == 2 and all(p.record.num_tokens > 0 for p in ps)
 
 

@@ -119,7 +119,7 @@ def _authors_inputs(model, inputs, k):
 @pytest.mark.parametrize("size,ratio,k", [((300, 220), 0.25, 2), ((150, 400), 0.5, 2), ((500, 120), 0.1, 1)])
 def test_end_to_end_matches_the_authors_code(processor, size, ratio, k):
     model = tiny_model(seed=3, text_layers=4)
-    inputs = make_inputs(processor, [demo_image(*size, seed=size[0])], [LONG])
+    inputs = make_inputs(processor, [demo_image(height=size[1], width=size[0], seed=size[0])], [LONG])
     ids = inputs["input_ids"][0]
     image = torch.nonzero(ids == model.config.image_token_id).squeeze(1)
     start, n_image = int(image[0]), image.numel()
@@ -142,7 +142,7 @@ def test_end_to_end_matches_the_authors_code(processor, size, ratio, k):
 
 def test_layer_lengths_and_generate(processor):
     model = tiny_model(text_layers=4)
-    inputs = make_inputs(processor, [demo_image(300, 220)], [LONG])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)], [LONG])
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_img
     globalcom2.apply(model, "dart", retention_ratio=0.25)
@@ -182,7 +182,7 @@ def test_form_picks_where_and_the_embedding_form_still_selects(processor):
         globalcom2.apply(model, "dart", k=3)
     assert not globalcom2.is_patched(model)
     globalcom2.apply(model, "dart", k=3, form="embedding")  # k is the in-LLM form's; the embedding form ignores it
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True

@@ -10,6 +10,7 @@ from globalcom2.models import llava_next as A
 from globalcom2.models import towers
 from globalcom2.testing.tiny import demo_image, tiny_model, tiny_processor
 from oracles.reference_cdpruner import reference_tokens as cdpruner_reference
+from oracles.reference_cdpruner import reference_tokens_unpad as cdpruner_reference_unpad
 from oracles.reference_dart import reference_keep as dart_reference
 from oracles.reference_divprune import reference_tokens as divprune_reference
 from oracles.reference_visionzip import reference_tokens as visionzip_reference
@@ -32,12 +33,11 @@ def _divprune_counts(rec, ratio):
 
 
 def _cdpruner_counts(rec, ratio):
-    """T per view, less the crop picks that fall in the padding; a newline per unpadded row."""
+    """T per view over the padded grid (the branch their code executes), no newlines."""
     t = max(1, round(rec.side**2 * ratio))
     kept = rec.kept_per_view().tolist()
-    assert kept[0] == t and all(k <= t for k in kept[1:])
-    rows = int(rec.valid.view(-1, rec.side, rec.side).any(2).view(rec.grid[0], rec.grid[1], rec.side).any(1).sum())
-    return kept, rows
+    assert kept == [t] * (1 + rec.grid[0] * rec.grid[1])
+    return kept, 0
 
 
 def _dart_counts(rec, ratio):
@@ -87,7 +87,9 @@ def _eager_tower_outputs(model, pixel_values, image_sizes):
 @pytest.mark.parametrize("size,ratio", CASES)
 def test_visionzip_matches_authors_code(processor, size, ratio):
     model = tiny_model(seed=3)
-    inputs = processor(images=demo_image(*size, seed=size[0]), text="<image>", return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0]), text="<image>", return_tensors="pt"
+    )
     cfg = globalcom2.make_config("visionzip", retention_ratio=ratio)
     with torch.no_grad():
         feats, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
@@ -124,7 +126,7 @@ def test_visionzip_merge_by_hand():
 
 def test_visionzip_kept_mask_shows_dominant_tokens(processor):
     model = tiny_model()
-    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    inputs = processor(images=demo_image(height=220, width=300), text="<image>", return_tensors="pt")
     cfg = globalcom2.make_config("visionzip", retention_ratio=0.5)
     _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
     N = rec.side**2
@@ -155,7 +157,9 @@ def _stock_tokens(model, inputs):
 @pytest.mark.parametrize("size,ratio", CASES[:4])
 def test_divprune_matches_authors_code(processor, size, ratio):
     model = tiny_model(seed=4)
-    inputs = processor(images=demo_image(*size, seed=size[1]), text="<image>", return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[1]), text="<image>", return_tensors="pt"
+    )
     with torch.no_grad():
         feats, (rec,) = A.compress(model, globalcom2.make_config("divprune", retention_ratio=ratio),
                                    inputs["pixel_values"], inputs["image_sizes"])  # fmt: skip
@@ -214,7 +218,7 @@ def test_divprune_similarity_greedy_equals_the_distance_greedy_and_the_oracle():
 
 def test_divprune_per_view(processor):
     model = tiny_model()
-    inputs = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    inputs = processor(images=demo_image(height=220, width=300), text="<image>", return_tensors="pt")
     cfg = globalcom2.make_config("divprune", retention_ratio=0.25, granularity="view")
     _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
     n_valid = [rec.side**2] + rec.valid.sum(1).tolist()
@@ -229,19 +233,30 @@ def test_divprune_per_view(processor):
 
 
 @pytest.mark.parametrize("size,ratio", [((300, 220), 0.25), ((150, 400), 0.1), ((500, 120), 0.4)])
-def test_cdpruner_matches_authors_code(processor, size, ratio):
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cdpruner_matches_authors_code(processor, size, ratio, unpad):
+    """The default is the branch their code executes (``spatial``: no unpadding, no newlines); ``unpad=True`` the
+    ``spatial_unpad`` branch their ``replace('_unpad', '')`` switches off."""
     model = tiny_model(seed=5)
-    inputs = processor(images=demo_image(*size, seed=size[0] + 1), text=PROMPT, return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0] + 1), text=PROMPT, return_tensors="pt"
+    )
+    options = {"unpad": True} if unpad else {}
     with torch.no_grad():
         feats, (rec,) = A.compress(
-            model, globalcom2.make_config("cdpruner", retention_ratio=ratio), inputs["pixel_values"],
+            model, globalcom2.make_config("cdpruner", retention_ratio=ratio, **options), inputs["pixel_values"],
             inputs["image_sizes"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
         )  # fmt: skip
         views, _, sizes = encode(model, inputs["pixel_values"], inputs["image_sizes"])
         ids = inputs["input_ids"][0]
         text = model.get_input_embeddings()(ids[ids != model.config.image_token_id])
     N = views[0].shape[1]
-    ref = cdpruner_reference(views[0], text, rec.grid, sizes[0], max(1, round(N * ratio)), model.model.image_newline)
+    t = max(1, round(N * ratio))
+    if unpad:
+        ref = cdpruner_reference_unpad(views[0], text, rec.grid, sizes[0], t, model.model.image_newline)
+    else:
+        ref = cdpruner_reference(views[0], text, rec.grid, t)
+        assert ref.shape[0] == (1 + rec.grid[0] * rec.grid[1]) * t  # all T picks of every view
     assert feats[0].shape == ref.shape
     torch.testing.assert_close(feats[0], ref.to(feats[0].dtype), rtol=0, atol=0)
 
@@ -269,10 +284,12 @@ def test_cdpruner_uses_the_instruction(processor):
     cfg = globalcom2.make_config("cdpruner", retention_ratio=0.25)
     recs = []
     for prompt in ("USER: <image>\nwhat is this ? ASSISTANT:", "USER: <image>\nred car left sign ? ASSISTANT:"):
-        inputs = processor(images=demo_image(300, 220), text=prompt, return_tensors="pt")
+        inputs = processor(images=demo_image(height=220, width=300), text=prompt, return_tensors="pt")
         pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
         recs.append(A.compress(model, cfg, pv, sizes, input_ids=inputs["input_ids"])[1][0])
-    only_image = processor(images=demo_image(300, 220), text="<image>", return_tensors="pt")  # no text: plain DPP
+    only_image = processor(
+        images=demo_image(height=220, width=300), text="<image>", return_tensors="pt"
+    )  # no text: plain DPP
     plain = A.compress(model, cfg, pv, sizes, input_ids=only_image["input_ids"])[1][0]
     masks = [r.kept_mask() for r in (*recs, plain)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
@@ -290,7 +307,9 @@ def test_cdpruner_uses_the_instruction(processor):
 @pytest.mark.parametrize("size,ratio", CASES[:4])
 def test_dart_matches_the_authors_algorithm_on_embeddings(processor, size, ratio):
     model = tiny_model(seed=6)
-    inputs = processor(images=demo_image(*size, seed=size[0] + 2), text=PROMPT, return_tensors="pt")
+    inputs = processor(
+        images=demo_image(height=size[1], width=size[0], seed=size[0] + 2), text=PROMPT, return_tensors="pt"
+    )
     with torch.no_grad():
         feats, (rec,) = A.compress(
             model, globalcom2.make_config("dart", retention_ratio=ratio, form="embedding"), inputs["pixel_values"],
@@ -342,10 +361,10 @@ def test_viz_draws_new_methods(processor):
     from globalcom2.tools import viz
 
     model = tiny_model()
-    panels = viz.panels(model, processor, demo_image(300, 220), methods=tuple(NEW), ratios=(0.25,))
+    panels = viz.panels(model, processor, demo_image(height=220, width=300), methods=tuple(NEW), ratios=(0.25,))
     for panel in panels:
         assert panel.kept_patch_counts() == panel.record.kept_per_view().tolist()
-    fig = viz.render(model, processor, demo_image(300, 220), methods=["visionzip"], ratios=[0.25])
+    fig = viz.render(model, processor, demo_image(height=220, width=300), methods=["visionzip"], ratios=[0.25])
     assert "merged/[CLS] not drawn" in fig.axes[0].get_ylabel()
 
 
@@ -365,7 +384,7 @@ def test_flops_token_count_matches_the_adapter(name):
     pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     model = tiny_model(image_size=336, patch_size=14, pinpoints=pins, vision_layers=2)
     processor = tiny_processor(image_size=336, patch_size=14, pinpoints=pins)
-    inputs = processor(images=demo_image(672, 672), text=PROMPT, return_tensors="pt")
+    inputs = processor(images=demo_image(height=672, width=672), text=PROMPT, return_tensors="pt")
     geo = A.Geometry.from_config(model.config)
     for ratio in (0.25, 0.1):
         cfg = globalcom2.make_config(name, retention_ratio=ratio, **({"form": "embedding"} if name == "dart" else {}))
@@ -394,3 +413,25 @@ def test_stock_sequence_methods_keep_everything_at_ratio_one_even_for_images_thi
             )  # fmt: skip
             stock = _stock_tokens(model, inputs)
         assert torch.equal(feats[0], stock), (name, width, height)
+
+
+def test_divprune_unpad_rounding_follows_transformers_or_their_truncation(processor):
+    """Their ``unpad_image`` truncates where transformers rounds: rare sizes differ by whole rows (352x110 px at
+    336 px views: 1360 stock tokens, 1262 in their code); ``unpad_rounding="authors"`` takes theirs."""
+    from globalcom2.tools.flops import llava_next_config
+
+    config = llava_next_config()
+    assert globalcom2.budget.stock_image_tokens(config, (110, 352)) == 1360
+    counts = {
+        r: globalcom2.num_image_tokens(config, (110, 352), "divprune", retention_ratio=1.0, unpad_rounding=r)
+        for r in ("transformers", "authors")
+    }
+    assert counts == {"transformers": 1360, "authors": 1262}
+    model = tiny_model()  # 112 px views: a 376 x 47 px image is such a size
+    inputs = processor(images=demo_image(height=47, width=376), text="<image>", return_tensors="pt")
+    for rounding, rows in (("transformers", 4), ("authors", 2)):
+        cfg = globalcom2.make_config("divprune", retention_ratio=1.0, unpad_rounding=rounding)
+        feats, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
+        assert feats[0].shape[0] == 64 + rows * (24 + 1) == globalcom2.num_image_tokens(model, (47, 376), cfg)
+    with pytest.raises(ValueError, match="unpad_rounding must be one of"):
+        globalcom2.make_config("divprune", unpad_rounding="round")

@@ -198,7 +198,7 @@ def _lm_lengths(model):
 @pytest.mark.parametrize("name", VISION)
 def test_vision_methods_token_count_matches_formula(processor, name):
     model = tiny_model()
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     cfg = globalcom2.make_config(name, retention_ratio=0.5)
     _, (rec,) = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"], input_ids=inputs["input_ids"])
     N, n = rec.side**2, rec.grid[0] * rec.grid[1]
@@ -232,7 +232,7 @@ def test_vision_methods_token_count_matches_formula(processor, name):
 
 def test_fastv_token_count_per_layer(processor):
     model = tiny_model(text_layers=4)
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_img
     globalcom2.apply(model, method="fastv", retention_ratio=0.25, k=2)
@@ -291,7 +291,7 @@ def test_eager_and_sdpa_agree(processor, images, name):
 
 def test_fastv_generate_without_cache_matches_with_cache_first_token(processor):
     model = tiny_model()
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     globalcom2.apply(model, method="fastv", retention_ratio=0.25, k=1)
     a = model.generate(**inputs, max_new_tokens=1, do_sample=False)
     b = model.generate(**inputs, max_new_tokens=1, do_sample=False, use_cache=False)

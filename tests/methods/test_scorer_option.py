@@ -51,7 +51,7 @@ def _eager_tower_outputs(model, inputs):
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_scorers_equal_their_definitions_on_the_eager_attention(processor, layer):
     model = tiny_model(attn_implementation="eager")
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     out = _eager_tower_outputs(model, inputs)
     pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
     got = {
@@ -68,7 +68,9 @@ def test_scorers_equal_their_definitions_on_the_eager_attention(processor, layer
 
 
 def test_scorer_changes_the_selection_and_runs_end_to_end(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)])
+    inputs = make_inputs(
+        processor, [demo_image(height=220, width=300, seed=1), demo_image(height=400, width=150, seed=2)]
+    )
     pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
     recs = {}
     for s in ("auto", "cls", "attention_received", "global_dissimilarity"):
@@ -86,7 +88,7 @@ def test_scorer_changes_the_selection_and_runs_end_to_end(model, processor):
 @pytest.mark.parametrize("name", ["fastervlm", "visionzip"])
 def test_feature_layer_methods_score_the_feature_layer(processor, name):
     model = tiny_model(attn_implementation="eager")
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     out = _eager_tower_outputs(model, inputs)
     cfg = globalcom2.make_config(name, retention_ratio=0.3, scorer="attention_received")
     recs = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])[1]
@@ -103,5 +105,7 @@ def test_vllm_plugin_refuses_scorers_it_does_not_compute():
     cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "cls"}
     assert method_config(cfg).scorer == "cls"
     cfg.globalcom2 = {"retention_ratio": 0.25, "scorer": "attention_received"}
-    with pytest.raises(ValueError, match="scorer='attention_received': the vLLM plugin for this model rates tokens by their"):
+    with pytest.raises(
+        ValueError, match="scorer='attention_received': the vLLM plugin for this model rates tokens by their"
+    ):
         method_config(cfg)

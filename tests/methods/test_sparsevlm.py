@@ -261,7 +261,7 @@ def test_visual_tokens_per_layer_follow_the_schedule(processor, images):
     cfg = SparseVLMConfig(retention_ratio=0.25, layers=(1, 3, 5), counting="inclusive")
     globalcom2.apply(model, cfg)
     # one image: layers 0-1 see everything (layer 1's output is pruned), 2-3 stage 1, 4-5 stage 2, 6-7 stage 3
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_img
     seen, hooks = _layer_lengths(model)

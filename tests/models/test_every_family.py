@@ -31,7 +31,7 @@ def test_every_vision_method_runs_with_its_count_or_is_refused(family, name):
         with pytest.raises(ValueError):
             globalcom2.num_image_tokens(family.model.config, SIZES[0], cfg)
         return
-    images = [demo_image(w, h, seed=i) for i, (h, w) in enumerate(SIZES)]
+    images = [demo_image(height=h, width=w, seed=i) for i, (h, w) in enumerate(SIZES)]
     inputs = family.inputs(images)
     adapter = adapter_for(family.model)
     vision = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}

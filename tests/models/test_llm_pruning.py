@@ -18,7 +18,7 @@ def _kwargs_of(layer, seen):
 @pytest.mark.parametrize("name", ["fastv", "dart"])
 def test_the_layer_before_the_pruning_layer_projects_its_keys_once(processor, name):
     model = tiny_model(text_layers=4)
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     calls = []
     hook = model.model.language_model.layers[1].self_attn.k_proj.register_forward_hook(
         lambda m, a, o: calls.append(a[0].shape[1])

@@ -52,6 +52,23 @@ def test_every_kind_of_drift_is_named():
     ]
 
 
+def test_torch_alone_accepts_a_local_build_of_its_release():
+    """The locks pin ``torch==2.13.0`` so public PyPI can install them; the CPU (or CUDA) build satisfies it."""
+    lock = check_lock.read_lock("torch==2.13.0\nnumpy==2.3.0\n")
+    for build in ("2.13.0", "2.13.0+cpu", "2.13.0+cu128"):
+        assert check_lock.drift(lock, {"torch": build, "numpy": "2.3.0"}) == []
+    assert check_lock.drift(lock, {"torch": "2.13.1+cpu", "numpy": "2.3.0"}) == [
+        "torch 2.13.1+cpu installed, lock says 2.13.0"
+    ]
+    assert check_lock.drift(lock, {"torch": "2.13.0", "numpy": "2.3.0+local"}) == [
+        "numpy 2.3.0+local installed, lock says 2.3.0"  # only torch
+    ]
+    labelled = check_lock.read_lock("torch==2.13.0+cpu\n")  # a lock naming a label still wants that build
+    assert check_lock.drift(labelled, {"torch": "2.13.0+cu128"}) == [
+        "torch 2.13.0+cu128 installed, lock says 2.13.0+cpu"
+    ]
+
+
 def test_main_fails_with_a_readable_message(tmp_path, monkeypatch, capsys):
     lock = tmp_path / "ci.lock.txt"
     lock.write_text(LOCK)
@@ -82,6 +99,8 @@ def test_shipped_locks_are_complete_pins(name):
     pins = check_lock.read_lock((ROOT / "requirements" / f"{name}.lock.txt").read_text())
     assert {"torch", "transformers", "tokenizers", "filelock", "lmms-eval", "pytest", "ruff"} <= set(pins)
     assert "torchvision" not in pins  # PyPI's CUDA-linked build breaks imports next to a CPU torch
+    assert pins["torch"] == "2.13.0"  # no local label: the install command works on public PyPI too
+    assert {"build", "pyproject-hooks"} <= set(pins)  # CI builds the wheel and sdist it tests
     assert tuple(int(part) for part in pins["filelock"].split(".")[:2]) < (4, 3)  # the eval extra's bound
 
 

@@ -38,7 +38,7 @@ def test_generate_on_a_local_checkpoint(tmp_path):
     tiny_model().save_pretrained(ckpt)
     tiny_processor().save_pretrained(ckpt)
     image = tmp_path / "img.png"
-    demo_image(320, 200).save(image)
+    demo_image(height=200, width=320).save(image)
     cmd = [
         sys.executable,
         "-m",

@@ -12,7 +12,7 @@ from globalcom2.tools import viz
 @pytest.mark.parametrize("size", [(300, 220), (300, 150), (150, 400)])
 @pytest.mark.parametrize("method", ["globalcom2", "fastervlm", "drop_important_crop"])
 def test_highlighted_patches_equal_tokens_the_llm_receives(model, processor, size, method):
-    image = demo_image(*size)
+    image = demo_image(height=size[1], width=size[0])
     (panel,) = viz.panels(model, processor, image, methods=(method,), ratios=(0.25,))
     counts = panel.kept_patch_counts()
     assert counts == panel.record.kept_per_view().tolist()
@@ -31,19 +31,19 @@ def test_highlighted_patches_equal_tokens_the_llm_receives(model, processor, siz
 
 
 def test_render_several_methods_and_ratios(model, processor):
-    fig = viz.render(model, processor, demo_image(300, 200), methods=["globalcom2", "uniform"], ratios=[0.5, 0.1],
-                     random_weights=True)  # fmt: skip
+    image = demo_image(height=200, width=300)
+    fig = viz.render(model, processor, image, methods=["globalcom2", "uniform"], ratios=[0.5, 0.1], random_weights=True)
     assert len(fig.axes) >= 4 * 3
     assert "RANDOM WEIGHTS" in fig._suptitle.get_text()
-    img = viz.render_image(model, processor, demo_image(300, 200))
+    img = viz.render_image(model, processor, demo_image(height=200, width=300))
     assert img.size[0] > 100 and img.mode == "RGB"
 
 
 def test_in_llm_methods_cannot_be_drawn(model, processor):
     with pytest.raises(ValueError, match="prunes inside the language model"):
-        viz.panels(model, processor, demo_image(200, 200), methods=("fastv",))
+        viz.panels(model, processor, demo_image(height=200, width=200), methods=("fastv",))
     with pytest.raises(ValueError, match="method must be one of"):
-        viz.panels(model, processor, demo_image(200, 200), methods=("nope",))
+        viz.panels(model, processor, demo_image(height=200, width=200), methods=("nope",))
 
 
 def test_cli_demo_writes_png(tmp_path, capsys):

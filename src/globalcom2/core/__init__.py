@@ -16,7 +16,15 @@ re-exported here: ``from globalcom2 import core; core.assemble_order(...)``.
 """
 
 from .assembly import assemble_order
-from .budgets import allocate_exact, count_kept, exact_total, largest_remainder, softmax_retention, water_fill
+from .budgets import (
+    allocate_exact,
+    count_kept,
+    exact_total,
+    hold_views,
+    largest_remainder,
+    softmax_retention,
+    water_fill,
+)
 from .context import ImageContext, PruneContext, Selection, Stage, canonical_selection
 from .geometry import (
     box_mask,
@@ -37,6 +45,7 @@ __all__ = [
     "allocate_exact",
     "count_kept",
     "exact_total",
+    "hold_views",
     "largest_remainder",
     "softmax_retention",
     "water_fill",

@@ -103,3 +103,19 @@ def allocate_exact(weights: torch.Tensor, caps: torch.Tensor, total: int) -> tor
     caps = torch.as_tensor(caps).cpu()
     weights = torch.as_tensor(weights).cpu()
     return largest_remainder(water_fill(weights, caps, float(total)), caps, int(total), weights)
+
+
+def hold_views(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-view counts lowered to one ceiling so that they sum to at most ``total``: ``min(k_v, c)`` with the largest
+    c that fits (unchanged when they already fit). Views that keep equal counts keep equal counts.
+
+    counts: (V,) long, tokens each view keeps; total: the most tokens the views may keep together.
+    returns: (V,) long.
+    """
+    k = torch.as_tensor(counts).long().cpu()
+    if int(k.sum()) <= total or k.numel() == 0:
+        return k
+    levels = torch.arange(int(k.max()) + 1)  # (K + 1,) candidate ceilings
+    fits = torch.minimum(k[None, :], levels[:, None]).sum(1) <= max(int(total), 0)  # (K + 1,) monotone
+    ceiling = int(levels[fits].max())
+    return torch.minimum(k, torch.tensor(ceiling))

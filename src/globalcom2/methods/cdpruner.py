@@ -1,6 +1,6 @@
 """CDPruner: conditional DPP over the visual tokens, conditioned on the instruction.
 
-Follows the authors' released code (github Theia-4869/CDPruner, ``llava/model/llava_arch.py``
+Follows the code the authors ran (github Theia-4869/CDPruner, ``llava/model/llava_arch.py``
 ``encode_images`` and ``prepare_inputs_labels_for_multimodal``) on LLaVA-NeXT, view by view:
 
 * similarity: cosine between the projected features of the view's N tokens (float32);
@@ -9,9 +9,14 @@ Follows the authors' released code (github Theia-4869/CDPruner, ``llava/model/ll
 * kernel ``L = diag(r) S diag(r)``; every view keeps ``T = max(1, round(N R))`` tokens by the fast
   greedy MAP of the DPP (incremental Cholesky rows, one vectorised step per chosen token,
   batched over the views; no Python loop over tokens or kernel entries);
-* the selection runs over all N tokens of every crop (letterbox padding included); the crop mask
-  is then unpadded like the features, so tokens chosen in the padding are dropped, and the newline
-  token of every unpadded row is kept; kept thumbnail tokens first, in raster order.
+* the layout their code executes: ``prepare_inputs_labels_for_multimodal`` runs
+  ``mm_patch_merge_type.replace('_unpad', '')``, so LLaVA-NeXT's ``spatial_unpad`` checkpoints take the
+  plain ``spatial`` branch: no unpadding, no newline tokens, all T picks of every crop kept (letterbox
+  padding included); the thumbnail's picks in raster order, then the crops' in raster order of the
+  whole padded grid. ``unpad=True`` instead follows the ``spatial_unpad`` branch that line switches
+  off (the library's layout before 0.2): the crop mask is unpadded like the features (their
+  ``unpad_image`` truncates), picks in the padding are dropped and every unpadded row ends with the
+  newline token.
 
 Departures (each with the reason and the option):
 
@@ -25,10 +30,21 @@ Departures (each with the reason and the option):
   the method is the plain DPP over the similarity kernel.
 * min-max normalisation over the views of one image (theirs: over the whole batch of views, which
   is the same for one image per batch and keeps batch == alone); a constant relevance is 1.
-* once the chosen token's gain falls to 1e-10 or below (the kernel's rank is used up: only when
-  the feature width D is below T, never at LLaVA-NeXT-7B sizes, D = 4096 >> N), the step adds no
-  Cholesky row, so the remaining picks are distinct tokens by residual gain; their code divides by
-  a zero or negative square root there and can return repeated or NaN-driven picks.
+* the crop grid: their ``select_best_resolution`` (``llava/mm_utils.py``) replaces the checkpoint's
+  pinpoints with a single 672x672 one ("fix resolution for LLaVA to get 2880 visual tokens"), so every
+  image becomes 2x2 crops there. The library runs on the stock processor's pixel values, whose crops
+  are already cut to the checkpoint's own grid (1x2, 2x1, 2x2, 1x3, 3x1 for LLaVA-NeXT-7B): unavoidable
+  on a stock processor; the count ``(1 + n) T`` follows its n.
+* the greedy's negative gain: once the chosen token's gain falls to 1e-10 or below, the step adds no
+  Cholesky row, so the remaining picks are distinct tokens by residual gain. That happens whenever the
+  kernel is numerically rank-deficient, not only when the feature width D is below T: near-duplicate
+  tokens (flat letterbox padding, a uniform sky) make it so at any D. Their code divides by the square
+  root of a zero or negative gain there and can return repeated or NaN-driven picks.
+* the stock cap: with the executed layout every view keeps T tokens of the padded grid, so for R < 1 an
+  image with much letterbox padding at a high R would get more tokens than stock LLaVA-NeXT feeds its LLM
+  (3x1000 px already at R = 0.5: 1152 where stock sends 576). The views' counts are then lowered to one
+  common ceiling so that the total is at most stock's (``core.hold_views``); where their T per view fits
+  (every image at the usual R <= 0.75 but very thin ones) it is kept exactly. R = 1 keeps every view whole.
 * ``negate=True`` is their sign ``(-relevance).mean``; ``False`` ranks relevant tokens up instead.
 """
 
@@ -38,7 +54,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .. import core
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod, stock_length
 from .checks import check_choice
 
 POOLINGS = ("mean", "tokens")
@@ -102,13 +119,18 @@ def dpp_greedy(
 class CDPrunerConfig(VisionMethod):
     """CDPruner options.
 
-    retention_ratio: R in (0, 1]; every view keeps ``T = max(1, round(N R))`` tokens before unpadding.
+    retention_ratio: R in (0, 1]; every view keeps ``T = max(1, round(N R))`` tokens (for R < 1 held to the
+        stock count, see the module docstring).
     text_pooling: "mean" (one instruction vector, like CLIP's text embedding) or "tokens".
     negate: CDPruner's sign of the relevance (True, theirs) or the opposite.
-    budget: "authors" (theirs: T per view over all N tokens, the picks that land in a crop's letterbox
-        padding then dropped, so the count depends on the pixels) or "exact": the DPP picks among each
-        view's n_v unpadded tokens only, ``max(1, round(n_v R))`` of them (``round(N R)`` for the
-        thumbnail and for crops without padding, as theirs), a count set by the image size alone.
+    unpad: False (default: the branch their code executes, ``spatial``: all T picks of every view over the
+        padded crop grid, no newlines) or True (the ``spatial_unpad`` branch their code switches off: picks in
+        the letterbox padding dropped, a newline after every unpadded row, as the library did before 0.2).
+    budget: with ``unpad=True``: "authors" (T per view over all N tokens, the picks that land in a crop's
+        letterbox padding then dropped, so the count depends on the pixels) or "exact": the DPP picks among
+        each view's n_v unpadded tokens only, ``max(1, round(n_v R))`` of them (``round(N R)`` for the
+        thumbnail and for crops without padding, as theirs), a count set by the image size alone. With
+        ``unpad=False`` both are the same: the count ``(1 + n) T`` depends on the image size only.
     """
 
     name = "cdpruner"
@@ -117,6 +139,7 @@ class CDPrunerConfig(VisionMethod):
 
     text_pooling: str = "mean"
     negate: bool = True
+    unpad: bool = False
     budget: str = "authors"
 
     def __post_init__(self) -> None:
@@ -125,14 +148,17 @@ class CDPrunerConfig(VisionMethod):
         check_choice("budget", self.budget, ("authors", "exact"))
         if not isinstance(self.negate, bool):
             raise TypeError(f"negate must be True or False, got {self.negate!r}")
+        if not isinstance(self.unpad, bool):
+            raise TypeError(f"unpad must be True or False, got {self.unpad!r}")
 
     @property
     def requires(self) -> Requirements:
-        """Stock layout (unpadded rows, one newline each; their ``unpad_image`` truncates), thumbnail in raster
-        order, the projected features and the prompt's text embeddings."""
+        """Their executed layout (padded grid, no newlines) or, with ``unpad``, stock's (unpadded rows, one newline
+        each; their ``unpad_image`` truncates); thumbnail in raster order; the projected features and the prompt's
+        text embeddings."""
         return Requirements(
-            unpad=True, unpad_rounding=None, layout="spatial", thumbnail_order="spatial",
-            needs=frozenset({"features", "text"}),
+            unpad=self.unpad, unpad_rounding=None, layout="spatial" if self.unpad else "flat",
+            thumbnail_order="spatial", needs=frozenset({"features", "text"}),
         )  # fmt: skip
 
     def kernel(self, ctx: ImageContext) -> torch.Tensor:
@@ -147,31 +173,33 @@ class CDPrunerConfig(VisionMethod):
         return sim.mul_(rel[:, :, None]).mul_(rel[:, None, :])  # (r_i s_ij) r_j in place, no (V, N, N) copies
 
     def view_counts(self, ctx: ImageContext) -> torch.Tensor:
-        """(V,) long tokens each view keeps under ``budget="exact"``: max(1, round(n_v R)) of n_v unpadded."""
+        """(V,) long tokens each view keeps when the DPP picks among the view's n_v candidates only (``unpad=False``,
+        or ``budget="exact"``): max(1, round(n_v R)) of n_v; without unpadding and R < 1 held to the stock count."""
         n_valid = torch.cat([torch.tensor([ctx.scores.shape[1]]), ctx.valid.sum(1).cpu()])  # (V,)
         t = torch.round(n_valid.double() * self.retention_ratio).long().clamp(min=1)
-        return torch.minimum(t, n_valid)
+        t = torch.minimum(t, n_valid)
+        return t if self.unpad or self.retention_ratio >= 1 else core.hold_views(t, stock_length(ctx))
 
     def content_dependence(self) -> str | None:
-        """Why the count depends on the pixels (``budget="authors"``: picks in the padding are dropped)."""
-        if self.budget == "exact":
+        """Why the count depends on the pixels (``unpad=True, budget="authors"``: picks in the padding are dropped)."""
+        if self.budget == "exact" or not self.unpad:
             return None
         return (
-            "with budget='authors', method 'cdpruner' drops the picks that land in a crop's letterbox padding, "
-            "so its token count depends on the image's content; pass budget='exact' for a count that depends "
-            "on the image size only"
+            "with unpad=True and budget='authors', method 'cdpruner' drops the picks that land in a crop's "
+            "letterbox padding, so its token count depends on the image's content; pass budget='exact' for a "
+            "count that depends on the image size only (the default unpad=False has one too)"
         )
 
     def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
-        """(thumbnail tokens, (n,) crop tokens) under ``budget="exact"`` (``view_counts``)."""
+        """(thumbnail tokens, (n,) crop tokens) when the count depends on the size only (``view_counts``)."""
         t = self.view_counts(ctx)
         return int(t[0]), t[1:]
 
     def select(self, ctx: ImageContext) -> Selection:
-        """T tokens per view by the conditional DPP; crop tokens in the padding are then dropped."""
+        """T tokens per view by the conditional DPP (with ``unpad``, crop picks in the padding then dropped)."""
         v, n_tok = ctx.scores.shape
         valid = ctx.valid.to(ctx.scores.device)
-        if self.budget == "exact":
+        if self.budget == "exact" or not self.unpad:
             t = self.view_counts(ctx).to(valid.device)  # (V,)
             cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=valid.device), valid])  # (V, N)
             with torch.no_grad():

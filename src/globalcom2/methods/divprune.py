@@ -23,6 +23,11 @@ Departures (each with the reason and the option):
   every crop's unpadded tokens) with ``round(R n_v)`` tokens each and emits them in raster order
   without newline tokens, so the count is R of the stock count less about R x (newline rows);
   the default ``"image"`` is theirs.
+* unpadding: their ``unpad_image`` truncates the scaled size (``int(original_height * scale_factor)``)
+  where transformers rounds it to 7 digits first; the library's candidates are stock transformers'
+  sequence (``unpad_rounding="transformers"``). On rare sizes the two differ by whole rows: a 352x110 px
+  image at 336 px views is 1360 stock tokens, 1262 in their code (``R T`` follows). ``unpad_rounding=
+  "authors"`` takes their truncated sequence instead.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .base import TRANSFORMERS_UNPAD_DIGITS, ImageContext, Requirements, Selection, ViewSelector, VisionMethod
 from .checks import check_choice
 from .sequence import selection_from_order, stock_length, stock_sequence
 
@@ -100,6 +105,8 @@ class DivPruneConfig(VisionMethod):
         included) or "view" (one greedy per view, ``round(R n_v)`` each, no newlines).
     budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
         already depends on the image size only (``globalcom2.num_image_tokens``).
+    unpad_rounding: "transformers" (default: the candidates are the stock sequence transformers builds) or
+        "authors" (their ``unpad_image``, which truncates: on rare sizes a row fewer per padded side).
     """
 
     name = "divprune"
@@ -108,17 +115,21 @@ class DivPruneConfig(VisionMethod):
 
     granularity: str = "image"
     budget: str = "authors"
+    unpad_rounding: str = "transformers"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("budget", self.budget, ("authors", "exact"))
+        check_choice("unpad_rounding", self.unpad_rounding, ("transformers", "authors"))
 
     @property
     def requires(self) -> Requirements:
-        """Stock LLaVA-NeXT's unpadded layout (transformers' rounding) and the projected features."""
+        """Stock LLaVA-NeXT's unpadded layout (transformers' rounding, or their truncation with
+        ``unpad_rounding="authors"``) and the projected features."""
+        rounding = None if self.unpad_rounding == "authors" else TRANSFORMERS_UNPAD_DIGITS
         return Requirements(
-            unpad=True, layout="spatial", thumbnail_order="spatial",
+            unpad=True, unpad_rounding=rounding, layout="spatial", thumbnail_order="spatial",
             needs=frozenset({"features"}),
         )  # fmt: skip
 

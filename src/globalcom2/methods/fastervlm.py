@@ -18,6 +18,13 @@ from the stock processor and 1x2 (one row of two crops) from FasterVLM; 300x220 
 from the stock processor's pixel values, so it follows the stock grid: unavoidable on a stock
 processor, and the kept count ``(1 + n) round(N R)`` follows its number of crops n. See
 ``docs/fidelity.md``.
+
+One departure from their code, the stock cap: without unpadding every view keeps round(N R) tokens of
+the padded grid, letterbox padding included, which for R < 1 can be more than stock LLaVA-NeXT feeds its
+LLM (at a high R on images with much padding; a 3x1000 px image already at R = 0.5: 1152 tokens where
+stock sends 576). The views' counts are then lowered to one common ceiling so that the total is at most
+stock's (``core.hold_views``); where the released count fits (every image at the usual R <= 0.75 but
+very thin ones) it is kept exactly. R = 1 keeps every token of every view, as theirs.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod, stock_length
 from .checks import check_choice, check_scorer
 
 
@@ -36,8 +43,9 @@ class FasterVLMConfig(VisionMethod):
     """FasterVLM options.
 
     retention_ratio: R in (0, 1]; every view keeps ``max(1, round(N R))`` tokens.
-    unpad: False (FasterVLM's code: padded crop grid, no newlines) or True (R of each crop's
-        unpadded tokens, ``int(N_j R)``, stock newlines).
+    unpad: False (FasterVLM's code: padded crop grid, no newlines; for R < 1 held to the stock count, see
+        the module docstring) or True (R of each crop's unpadded tokens, ``int(N_j R)``, stock
+        newlines: never above stock).
     score: "softmax" (FasterVLM) or "logits".
     scorer: "auto" ("cls" where the tower has a [CLS] token, else "global_dissimilarity"), "cls",
         "attention_received" or "global_dissimilarity" (``globalcom2.models.scoring``).
@@ -80,9 +88,14 @@ class FasterVLMConfig(VisionMethod):
         return torch.clamp(torch.round(n_tokens.double() * r), min=1).long().clamp(max=n_tokens)
 
     def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
-        """(thumbnail tokens, (n,) crop tokens): the counts ``select`` keeps for any image of this geometry."""
+        """(thumbnail tokens, (n,) crop tokens): the counts ``select`` keeps for any image of this geometry; without
+        unpadding and R < 1 held to the stock count (``core.hold_views``; see the module docstring)."""
         n_thumb = torch.tensor(ctx.thumbnail.numel())
-        return int(self.view_budget(n_thumb)), self.view_budget(ctx.valid.sum(1).cpu())
+        k0, k = int(self.view_budget(n_thumb)), self.view_budget(ctx.valid.sum(1).cpu())
+        if self.unpad or self.retention_ratio >= 1:
+            return k0, k
+        held = core.hold_views(torch.cat([torch.tensor([k0]), k]), stock_length(ctx))
+        return int(held[0]), held[1:]
 
     def select(self, ctx: ImageContext) -> Selection:
         """Top tokens of every view by its own [CLS] attention."""

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import core
-from .base import TRANSFORMERS_UNPAD_DIGITS, ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .base import (
+    TRANSFORMERS_UNPAD_DIGITS,
+    ImageContext,
+    Requirements,
+    Selection,
+    ViewSelector,
+    VisionMethod,
+    stock_length,
+)
 from .checks import check_choice, check_number, check_scorer
 
 ALLOCATIONS = ("softmax_sum", "softmax_max", "ntopk", "uniform")
@@ -33,8 +41,11 @@ class GlobalCom2Config(VisionMethod):
     layout: "authors" writes kept crop tokens the way the authors' ``compress_crops`` does
         (slot i of a crop takes its i-th kept token, newline after every row of the padded grid);
         "spatial" keeps true positions with one newline per unpadded row, like stock LLaVA-NeXT.
-        Because of those padded-grid newlines, "authors" can hand the LLM more tokens than stock
-        for very thin images (e.g. 4000x1 px at R = 0.9); "spatial" never exceeds stock.
+        Because of those padded-grid newlines, "authors" would hand the LLM more tokens than stock
+        at a high R on images with much letterbox padding (e.g. 3x1000 px at R = 0.95; the authors'
+        code does); for R < 1 the crop budgets, then the thumbnail's, are lowered there so that the
+        total stays at most stock's (``hold_to_stock``; a departure, docs/fidelity.md). "spatial"
+        never exceeds stock.
     allocation: how crop ratios are allocated (Table IV): "softmax_sum" (default), "softmax_max",
         "ntopk", "uniform".
     importance: crop-token importance (Table V): "global_local" (default), "local_only", "global_only".
@@ -46,7 +57,8 @@ class GlobalCom2Config(VisionMethod):
         proportion to N_j r_j with crop j capped at N_j (``core.allocate_exact``), so the number of visual
         tokens is a function of the image size alone (``globalcom2.num_image_tokens``); which tokens a crop
         keeps is chosen as before. With layout="authors" the crop budget, then the thumbnail's, shrinks
-        where needed so that an image never gets more tokens than stock LLaVA-NeXT gives it.
+        where needed so that an image never gets more tokens than stock LLaVA-NeXT gives it (with
+        budget="authors" as well: ``hold_to_stock``).
     """
 
     name = "globalcom2"
@@ -130,6 +142,12 @@ class GlobalCom2Config(VisionMethod):
             "for a count that depends on the image size only"
         )
 
+    def _layout_newlines(self, ctx: ImageContext) -> int:
+        """Newline tokens this config's layout emits for ``ctx``'s geometry whatever is kept."""
+        no_ratios = torch.zeros(ctx.valid.shape[0], dtype=torch.float64)
+        empty = Selection(ctx.thumbnail.new_zeros(0, dtype=torch.long), torch.zeros_like(ctx.valid), no_ratios)
+        return int(self.order(empty, ctx).numel())
+
     def exact_budget(self, ctx: ImageContext) -> tuple[int, int]:
         """(thumbnail tokens, crop tokens in total) under ``budget="exact"``: int(N R) and round(R sum N_j).
 
@@ -143,13 +161,26 @@ class GlobalCom2Config(VisionMethod):
         if self.layout == "authors":
             grid_valid = core.crops_to_grid(ctx.valid, ctx.grid, ctx.side)  # (nph*S, npw*S)
             h, w = int(grid_valid.any(1).sum()), int(grid_valid.any(0).sum())
-            no_ratios = torch.zeros(n_tok.numel(), dtype=torch.float64)
-            empty = Selection(ctx.thumbnail.new_zeros(0, dtype=torch.long), torch.zeros_like(ctx.valid), no_ratios)
-            newlines = int(self.order(empty, ctx).numel())
+            newlines = self._layout_newlines(ctx)
             excess = k0 + crops + newlines - (ctx.thumbnail.numel() + h * (w + 1))
             cut = min(max(excess, 0), crops)
             crops, k0 = crops - cut, max(k0 - max(excess - cut, 0), 0)
         return k0, crops
+
+    def hold_to_stock(self, ctx: ImageContext, k0: int, k: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(k0, k) under ``budget="authors"`` lowered where the emitted total (kept tokens plus layout="authors"'s
+        padded-grid newlines) would exceed the stock count of this geometry (``stock_length``): the crops give up
+        tokens first, in proportion to their counts, then the thumbnail. Unchanged where the total fits (every
+        image at the usual R <= 0.75 but very thin ones), at R = 1 (the authors' layout of every token) and with
+        layout="spatial", which never exceeds stock."""
+        if self.layout != "authors" or self.retention_ratio >= 1:
+            return k0, k
+        kept = int(k.sum())
+        excess = k0 + kept + self._layout_newlines(ctx) - stock_length(ctx)
+        if excess <= 0:
+            return k0, k
+        cut = min(excess, kept)
+        return max(k0 - (excess - cut), 0), core.allocate_exact(k.double(), k, kept - cut)
 
     def size_budget(self, ctx: ImageContext) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) crop tokens) of one split every image of this geometry shares in count.
@@ -161,7 +192,7 @@ class GlobalCom2Config(VisionMethod):
             k0, total = self.exact_budget(ctx)
             return k0, core.allocate_exact(n_tok.double(), n_tok, total)
         k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
-        return k0, core.count_kept(n_tok, self.retention_ratio)
+        return self.hold_to_stock(ctx, k0, core.count_kept(n_tok, self.retention_ratio))
 
     def budgets(self, ctx: ImageContext, ratios: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(thumbnail tokens, (n,) long crop tokens) for crop ratios ``ratios``, under this config's budget rule."""
@@ -170,7 +201,7 @@ class GlobalCom2Config(VisionMethod):
             k0, total = self.exact_budget(ctx)
             return k0, core.allocate_exact(n_tok.double() * ratios.cpu(), n_tok, total)
         k0 = int(core.count_kept(ctx.thumbnail.numel(), self.retention_ratio))
-        return k0, core.count_kept(n_tok, ratios.cpu())
+        return self.hold_to_stock(ctx, k0, core.count_kept(n_tok, ratios.cpu()))
 
     def select(self, ctx: ImageContext) -> Selection:
         """Keep the top int(N R) thumbnail tokens and the top k_j tokens of each crop (k_j: see ``budgets``)."""

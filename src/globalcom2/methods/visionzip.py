@@ -32,6 +32,11 @@ Departures from their code (each with the reason):
   batch gives the same tokens as each image alone (the projector sees the same rows).
 * ``contextual_share`` (default 10/64, theirs) and R replace their fixed ``dominant``/``contextual``
   counts; ``K = 64`` reproduces ``dominant=54, contextual=10`` exactly.
+* the stock cap: every view keeps K tokens of the padded grid, so for R < 1 an image with much letterbox
+  padding at a high R would get more tokens than stock LLaVA-NeXT feeds its LLM (3x1000 px already at
+  R = 0.5: 1152 where stock sends 576; their code does). K is then lowered to ``stock // (1 + n)`` so
+  that ``(1 + n) K`` is at most stock's count; where their K fits (every image at the usual R <= 0.75
+  but very thin ones) it is kept exactly. R = 1 keeps every view whole, as theirs.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod, stock_length
 from .checks import check_choice, check_number, check_scorer
 
 #: VisionZip's released split: ``visionzip(model, dominant=54, contextual=10)`` keeps 64 tokens a view, 10 merged
@@ -83,7 +88,8 @@ def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tenso
 class VisionZipConfig(VisionMethod):
     """VisionZip options.
 
-    retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens.
+    retention_ratio: R in (0, 1]; every view keeps ``K = max(1, round(N R))`` tokens (for R < 1 at most
+        ``stock // (1 + n)``, so that no image gets more tokens than stock; see the module docstring).
     contextual_share: share of K given to merged contextual tokens, ``C = round(K share)``
         (VisionZip's 10 of 64).
     budget: "authors" or "exact"; accepted for symmetry with GlobalCom², changes nothing: the count
@@ -116,12 +122,21 @@ class VisionZipConfig(VisionMethod):
         )  # fmt: skip
 
     def view_budget(self, n_tokens: int) -> int:
-        """Tokens kept of a view with ``n_tokens`` patches."""
+        """Tokens kept of a view with ``n_tokens`` patches (before the stock cap, ``image_budget``)."""
         return min(max(1, round(n_tokens * self.retention_ratio)), n_tokens)
+
+    def image_budget(self, ctx: ImageContext) -> int:
+        """K, the tokens every view of this geometry keeps: ``view_budget``, for R < 1 held so that the (1 + n)
+        views together keep at most the stock count (``core.hold_views``)."""
+        v, n_tok = ctx.scores.shape
+        k = self.view_budget(n_tok)
+        if self.retention_ratio >= 1:
+            return k
+        return int(core.hold_views(torch.full((v,), k), stock_length(ctx)).min())
 
     def token_count(self, ctx: ImageContext) -> int:
         """Visual tokens of any image of this geometry: K per view ([CLS] + dominant + contextual), (1 + n) K."""
-        return ctx.scores.shape[0] * self.view_budget(ctx.scores.shape[1])
+        return ctx.scores.shape[0] * self.image_budget(ctx)
 
     def select(self, ctx: ImageContext) -> Selection:
         """Dominant + contextual tokens of every view, emitted in VisionZip's LLaVA-NeXT order."""
@@ -130,7 +145,7 @@ class VisionZipConfig(VisionMethod):
         scores = ctx.scores  # (V, N)
         v, n_tok = scores.shape
         n = v - 1
-        k = self.view_budget(n_tok)
+        k = self.image_budget(ctx)
         n_dom, c = visionzip_split(k, self.contextual_share)
         with torch.no_grad():
             top = scores.topk(n_dom - 1, dim=1).indices.sort(dim=1).values  # (V, n_dom - 1) patch indices

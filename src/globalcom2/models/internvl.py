@@ -13,12 +13,20 @@ What this family looks like to GlobalCom² (all read from the config and the pro
   from the hidden state entering the scoring layer exactly as the layer does (``layernorm_before``,
   ``q_proj``/``k_proj``, ``q_norm``/``k_norm``).
 * **crop grid**: InternVL's ``forward`` takes no image sizes and its processor returns none, and the tile count
-  alone does not tell a 2 x 3 grid from a 3 x 2 one. The patched model therefore reads the grid from
-  ``image_grids=[(rows, cols), ...]`` or ``image_sizes=[(height, width), ...]`` (the grid is then the
-  processor's rule with its default ``min_patches=1, max_patches=12``; pass ``image_grids`` if you changed
-  them), passed to ``forward``/``generate`` beside the processor's output;
-  ``processor_grids(processor, images)`` computes ``image_grids`` with the processor's own settings.
-  Single-tile images need neither.
+  alone does not tell a 2 x 3 grid from a 3 x 2 one. The patched model reads the arrangement from the pixel
+  values themselves (``recover_grid``): every factorisation rows x cols of an image's tile count is a
+  candidate; its tiles are put back together and resized to the thumbnail tile's size as the processor
+  resized the image (bicubic, antialiased), and the candidate that reproduces the thumbnail tile (the last
+  one) is the arrangement. The processor's output therefore goes in unchanged, as for LLaVA-NeXT.
+  ``image_sizes=[(height, width), ...]`` (grid by the processor's rule with its default ``min_patches=1,
+  max_patches=12``) or ``image_grids=[(rows, cols), ...]`` may still be passed: they are checked against
+  the tiles, and one the tiles contradict is a ValueError naming it, never a silent guess. Where the
+  thumbnail cannot tell the candidates apart (a flat-colour or nearly flat image: every arrangement
+  reproduces it), the given one is used, else the most square candidate (ties: more columns than rows);
+  it does not matter there, since the tiles are then the same picture, so stock InternVL receives the same
+  input under every arrangement and the choice only moves token budgets between identical tiles.
+  ``processor_grids(processor, images)`` computes the grids from the images with the processor's settings.
+  Single-tile images have no thumbnail and need nothing.
 
 Methods see an ``ImageContext`` laid out like LLaVA-NeXT's: row 0 of ``scores`` is the thumbnail, then the
 ``rows x cols`` crops, all crop tokens valid (InternVL has no letterbox padding). ``region_weights`` carries
@@ -32,6 +40,7 @@ tokens, each in raster order, as stock orders them (so R = 1 is the stock input)
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -243,13 +252,92 @@ def _grids_list(value, name: str, n_images: int) -> list[tuple[int, int]]:
     return out
 
 
-def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_kwargs: dict) -> list[tuple[int, int]]:
-    """Validate the processor's output and return each image's (rows, cols) crop grid, images in batch order.
+#: a candidate arrangement reproduces the thumbnail as well as the best one when its mean absolute difference
+#: (normalised pixel units) is at most ``GRID_MARGIN`` times the best one's plus ``GRID_ATOL``; measured: the
+#: processor's own arrangement differs from the thumbnail by 0.0004-0.12 (larger for small noisy images the
+#: processor upscales), every other by 7x-2000x more (at least 0.07 on photos, documents and noise)
+GRID_MARGIN, GRID_ATOL = 2.0, 5e-3
 
-    The views of each image are counted from its ``<IMG_CONTEXT>`` run in ``input_ids``; the grid comes from
-    ``vision_kwargs["image_grids"]``, else from ``vision_kwargs["image_sizes"]`` by the processor's rule, else
-    (single-tile images only) is 1 x 1. Raises ValueError naming the argument otherwise.
+
+def grid_candidates(n_tiles: int) -> list[tuple[int, int]]:
+    """Every (rows, cols) with ``rows * cols == n_tiles``, most square first (ties: more columns than rows)."""
+    grids = [(r, n_tiles // r) for r in range(1, n_tiles + 1) if n_tiles % r == 0]
+    return sorted(grids, key=lambda g: (abs(math.log(g[1] / g[0])), g[0] > g[1]))
+
+
+def arrangement_distances(tiles: torch.Tensor, thumbnail: torch.Tensor) -> dict[tuple[int, int], float]:
+    """Per candidate (rows, cols) of ``grid_candidates``: how far its tiles, put together row by row and resized to
+    the thumbnail's size as the processor resizes (bicubic, antialiased), are from the thumbnail tile.
+
+    tiles: (n, C, T, T) one image's tiles in the processor's order; thumbnail: (C, T, T). Mean absolute
+    difference in the pixel values' own (normalised) units.
     """
+    n, ch, t, _ = tiles.shape
+    tiles, thumb = tiles.detach().float(), thumbnail.detach().float()
+    out = {}
+    for r, c in grid_candidates(n):
+        mosaic = tiles.view(r, c, ch, t, t).permute(2, 0, 3, 1, 4).reshape(1, ch, r * t, c * t)
+        small = F.interpolate(mosaic, size=(t, t), mode="bicubic", antialias=True, align_corners=False)[0]
+        out[(r, c)] = float((small - thumb).abs().mean())
+    return out
+
+
+def consistent_grids(distances: dict[tuple[int, int], float]) -> list[tuple[int, int]]:
+    """The candidates (``arrangement_distances``) that reproduce the thumbnail as well as the best one
+    (``GRID_MARGIN``), best first: one for any image with visible structure, several for a flat-colour one."""
+    best = min(distances.values())
+    return sorted((g for g, d in distances.items() if d <= GRID_MARGIN * best + GRID_ATOL), key=distances.__getitem__)
+
+
+def _pick(distances: dict[tuple[int, int], float]) -> tuple[int, int]:
+    best = min(distances.values())
+    return next(g for g in grid_candidates(math.prod(next(iter(distances)))) if distances[g] <= best + GRID_ATOL)
+
+
+def recover_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) the processor cut an image into, read from its tiles (n, C, T, T) and thumbnail (C, T, T).
+
+    The candidate that reproduces the thumbnail best; among those within ``GRID_ATOL`` of it (several only for a
+    flat image, where every arrangement shows the same picture), the most square (ties: more columns than rows).
+    """
+    return _pick(arrangement_distances(tiles, thumbnail))
+
+
+_CONVENTION = (
+    "image_sizes holds (height, width) per image, as transformers' processors return it (PIL's image.size is "
+    "(width, height): pass (image.height, image.width)); or leave it out: the arrangement is read from the "
+    "pixel values"
+)
+
+
+def _check_given(source: str, i: int, given: tuple[int, int], views: int, value, fits: list[tuple[int, int]]) -> None:
+    """ValueError naming ``source`` unless image ``i``'s ``given`` grid has its tile count and fits its thumbnail."""
+    what = f"the size {tuple(value)}, a {given[0]} x {given[1]} tile grid" if source == "image_sizes" else (
+        f"a {given[0]} x {given[1]} grid"
+    )  # fmt: skip
+    hint = _CONVENTION if source == "image_sizes" else "pass (rows, cols) per image, or leave image_grids out"
+    if Geometry.views(given) != views:
+        raise ValueError(
+            f"{source} gives image {i} {what}, but the processor cut it into {views} tile(s)"
+            + (" with a thumbnail" if views > 1 else "")
+            + f"; {hint}"
+            + (
+                " (or pass image_grids, if the processor's min_patches/max_patches are not the defaults)"
+                if source == "image_sizes"
+                else ""
+            )
+        )
+    if fits and given not in fits:
+        shown = " or ".join(f"{r} x {c}" for r, c in fits)
+        raise ValueError(
+            f"{source} gives image {i} {what} (rows x cols), which its thumbnail contradicts: its tiles fit the "
+            f"thumbnail only as {shown}; {hint}"
+        )
+
+
+def tile_views(model: nn.Module, pixel_values, input_ids: torch.Tensor) -> list[int]:
+    """Validate the processor's output and return the views (tiles, thumbnail included) of every image, counted
+    from its ``<IMG_CONTEXT>`` run in ``input_ids``. Raises ValueError naming the argument otherwise."""
     cfg = model.config
     geo = Geometry.from_config(cfg)
     check_pixel_values(pixel_values)
@@ -272,34 +360,39 @@ def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_
             f"input_ids place {sum(views)} tiles ({views} per image) but pixel_values holds {pixel_values.shape[0]}; "
             "pass both from the same processor call"
         )
-    tiles = [v - 1 if v > 1 else 1 for v in views]
-    if vision_kwargs.get("image_grids") is not None:
-        grids, source = _grids_list(vision_kwargs["image_grids"], "image_grids", len(views)), "image_grids"
-    elif vision_kwargs.get("image_sizes") is not None:
-        sizes = _grids_list(vision_kwargs["image_sizes"], "image_sizes", len(views))
-        grids, source = [geo.grid(s) for s in sizes], "image_sizes"
-    elif all(t == 1 for t in tiles):
-        return [(1, 1)] * len(views)
-    else:
-        many = next(i for i, t in enumerate(tiles) if t > 1)
+    if any(v == 2 for v in views):
         raise ValueError(
-            f"image {many} has {tiles[many]} tiles, and InternVL's inputs do not say how they are arranged "
-            "(rows x cols): pass image_grids=[(rows, cols), ...] (one per image, as the processor tiled it: "
-            "globalcom2.models.internvl.processor_grids(processor, images) gives them) or "
-            "image_sizes=[(height, width), ...] to forward/generate"
+            f"input_ids give an image 2 tiles ({views} per image): the processor adds a thumbnail only to images of "
+            "more than one tile; pass input_ids and pixel_values from the same processor call"
         )
-    bad = [i for i, (g, t, v) in enumerate(zip(grids, tiles, views)) if g[0] * g[1] != t or Geometry.views(g) != v]
-    if bad:
-        i = bad[0]
-        raise ValueError(
-            f"{source} gives image {i} a {grids[i][0]} x {grids[i][1]} grid but the processor cut it into "
-            f"{views[i]} tile(s); pass {source} for the same images, in order"
-            + (
-                " (or image_grids, if the processor's min/max_patches are not the defaults)"
-                if source != "image_grids"
-                else ""
-            )
-        )
+    return views
+
+
+def image_grids(model: nn.Module, pixel_values, input_ids: torch.Tensor, vision_kwargs: dict) -> list[tuple[int, int]]:
+    """Validate the processor's output and return each image's (rows, cols) crop grid, images in batch order.
+
+    The views of each image are counted from its ``<IMG_CONTEXT>`` run in ``input_ids`` (``tile_views``); the
+    arrangement of its tiles is read from the pixel values (``recover_grid``). ``vision_kwargs["image_grids"]``
+    or ``["image_sizes"]`` ((height, width), grid by the processor's default rule), when given, must agree with
+    the tiles; they decide only where the thumbnail cannot (a flat image). Raises ValueError naming the argument.
+    """
+    views = tile_views(model, pixel_values, input_ids)
+    geo = Geometry.from_config(model.config)
+    source = next((k for k in ("image_grids", "image_sizes") if vision_kwargs.get(k) is not None), None)
+    values = None if source is None else vision_kwargs[source]
+    if source is not None:
+        values = _grids_list(values, source, len(views))
+        given = values if source == "image_grids" else [geo.grid(s) for s in values]
+    starts = [0, *torch.tensor(views).cumsum(0).tolist()]
+    grids = []
+    for i, v in enumerate(views):  # loop over images
+        tiles = pixel_values[starts[i] : starts[i] + v]
+        dist = arrangement_distances(tiles[:-1], tiles[-1]) if v > 1 else {(1, 1): 0.0}
+        if source is not None:
+            _check_given(source, i, given[i], v, values[i], consistent_grids(dist))
+            grids.append(given[i])
+        else:
+            grids.append(_pick(dist))
     return grids
 
 
@@ -552,8 +645,10 @@ class InternVLAdapter(FamilyAdapter):
 
     def stock_counts(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[int]:
         """``S^2`` per tile of every image (tiles counted from its ``<IMG_CONTEXT>`` run)."""
-        geo = Geometry.from_config(model.config)
-        return [geo.grid_tokens(g) for g in _call_grids(model, pixel_values, vision_kwargs, input_ids)[1]]
+        if input_ids is None:
+            raise ValueError("input_ids are required with pixel_values: they tell how many tiles each image has")
+        side = Geometry.from_config(model.config).side
+        return [v * side**2 for v in tile_views(model, pixel_values, input_ids)]
 
     def stock_features(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[torch.Tensor]:
         """Stock features of every image, tiles in the processor's order."""
@@ -571,8 +666,8 @@ class InternVLAdapter(FamilyAdapter):
         return geo.grid_tokens(geo.grid(image_size))
 
     def processor_kwargs(self, processor, images: list) -> dict:
-        """``image_grids`` as the processor tiled the images (its inputs do not say)."""
-        return {"image_grids": processor_grids(processor, images)}
+        """Nothing: the tile arrangement is read from the pixel values (``recover_grid``)."""
+        return {}
 
     def view_pixels(self, pixel_values: torch.Tensor, rec: ImageRecord) -> tuple[torch.Tensor, torch.Tensor]:
         """The tiles of the first image (thumbnail tile last; a single tile is its own thumbnail)."""

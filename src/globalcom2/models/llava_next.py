@@ -135,6 +135,12 @@ class Geometry:
         valid = core.box_mask(box, grid, self.side, device=device)  # (n, N)
         if scores is None:
             scores = torch.zeros(1 + valid.shape[0], self.side**2)  # never read by a size-only count
+        if not req.unpad:  # candidates are the padded grid: say what stock's sequence is (``methods.stock_length``)
+            sbox = core.unpadded_box(grid, self.side, image_size, round_digits=TRANSFORMERS_UNPAD_DIGITS)
+            svalid = core.box_mask(sbox, grid, self.side, device=device)
+            thumb = torch.arange(self.side**2, device=device)
+            stock = core.assemble_order(thumb, svalid, svalid, grid, self.side, "spatial", sbox)
+            inputs.setdefault("stock_order", stock)
         return ImageContext(
             scores=scores.float(), side=self.side, grid=grid, valid=valid, box=box, image_index=index, **inputs
         )

@@ -2,6 +2,7 @@
 processors and tokenizers built in memory, and generated test images. Nothing here downloads anything.
 
 >>> from globalcom2.testing import demo_image, tiny_model, tiny_processor
+>>> image = demo_image(height=220, width=300)   # keywords: (height, width), as transformers' image_sizes
 """
 
 from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
@@ -10,20 +11,21 @@ from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_on
 
 
 def _demo_llava_next():
-    processor = tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
-    return tiny_model(**DEMO_SHAPE), processor
+    shape = DEMO_SHAPE
+    return tiny_model(**shape), tiny_processor(image_size=shape["image_size"], patch_size=shape["patch_size"])
 
 
 def _demo_llava_onevision():
-    return tiny_onevision_model(), tiny_onevision_processor()
+    return tiny_onevision_model(text_layers=4), tiny_onevision_processor()
 
 
 def _demo_internvl():
-    return tiny_internvl_model(), tiny_internvl_processor()
+    return tiny_internvl_model(text_layers=4), tiny_internvl_processor()
 
 
-#: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools;
-#: a new family adds its entry here
+#: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools
+#: (``globalcom2 demo/viz/bench --family``); 4 language-model layers each, so that every registered method runs
+#: (SparseVLM with ``layers=(0, 1, 2)``). A new family adds its entry here
 DEMO_MODELS = {"llava_next": _demo_llava_next, "llava_onevision": _demo_llava_onevision, "internvl": _demo_internvl}
 
 __all__ = [

@@ -154,9 +154,14 @@ def tiny_processor(image_size: int = 112, patch_size: int = 14, pinpoints: list[
     )
 
 
-def demo_image(width: int = 300, height: int = 220, seed: int = 0):
-    """A synthetic RGB test picture (gradient sky, sun, blocks, stripes) as a PIL image."""
+def demo_image(*, height: int = 220, width: int = 300, seed: int = 0):
+    """A synthetic RGB test picture (gradient sky, sun, blocks, stripes) of ``height`` x ``width`` px, as a PIL
+    image (``image.size`` is PIL's (width, height)). Keyword-only, so the order cannot be mixed up."""
     from PIL import Image, ImageDraw
+
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -166,9 +171,10 @@ def demo_image(width: int = 300, height: int = 220, seed: int = 0):
     img[..., 2] = 200
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
+    draw_int = lambda lo, hi: int(rng.integers(lo, max(hi, lo + 1)))  # any size, even 1 px (same draws otherwise)
     for _ in range(6):
-        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(height // 3, height * 3 // 4))
-        w, h = int(rng.integers(width // 10, width // 4)), int(rng.integers(height // 8, height // 4))
+        x0, y0 = draw_int(0, width * 3 // 4), draw_int(height // 3, height * 3 // 4)
+        w, h = draw_int(width // 10, width // 4), draw_int(height // 8, height // 4)
         color = tuple(int(c) for c in rng.integers(0, 255, 3))
         draw.rectangle([x0, y0, x0 + w, y0 + h], fill=color)
     r = max(min(width, height) // 10, 2)

@@ -4,13 +4,18 @@ Stock and compressed runs are interleaved in one process (warm-up first, medians
 so every ratio printed compares measurements taken side by side on the same machine. By default
 the model has LLaVA-NeXT-7B's real widths with random weights (nothing is downloaded): a
 CLIP-ViT-L/14-336 vision tower and a Vicuna-7B-shaped language model (d = 4096, m = 11008, 32
-heads) cut to a few layers so it fits a 24 GiB CPU box. ``--model PATH`` loads a local checkpoint.
+heads) cut to a few layers so it fits a 24 GiB CPU box. ``--model PATH`` loads a local checkpoint of
+any supported family; ``--tiny --family F`` the tiny random model of family F (seconds; smoke tests).
 
-Columns: ``vision`` tower + projector, ``compress`` the method's selection and packing (in-LLM
-methods select inside ``prefill``), ``prefill`` the language model over the prompt, ``decode`` one
-new token with the KV cache, ``peak`` the extra memory during prefill (CUDA: allocator peak; CPU:
-resident-set peak sampled every 2 ms), ``kv`` the cache bytes after prefill beside the
-analytic ``2 L T d_kv bytes``, and the Eq. 8 prefill-FLOPs bound on the speedup.
+Every stage runs through the family's adapter (``models.adapter_for``), so a new family needs no edit here.
+Columns: ``vision`` the row's whole vision path (the adapter's ``stock_features`` for the stock row and
+in-LLM methods, its ``compress`` for a vision-side method: tower, projector, scores, selection and
+emission), ``select`` what the method adds to it (the row's vision time minus the stock row's: a
+difference of two medians; in-LLM methods select inside ``prefill``), ``pack`` the splice into the prompt,
+``prefill`` the language model over the prompt, ``decode`` one new token with the KV cache, ``peak`` the
+extra memory during prefill (CUDA: allocator peak; CPU: resident-set peak sampled every 2 ms), ``kv`` the
+cache bytes after prefill beside the analytic ``2 L T d_kv bytes``, and the Eq. 8 prefill-FLOPs bound on
+the speedup.
 
 ``--options`` passes a method's other options as JSON, e.g. SparseVLM on a 4-layer model:
 ``--layers 4 --methods sparsevlm --options '{"sparsevlm": {"layers": [0, 1, 2]}}'``.
@@ -18,7 +23,6 @@ analytic ``2 L T d_kv bytes``, and the Eq. 8 prefill-FLOPs bound on the speedup.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import threading
@@ -26,18 +30,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from .. import make_config
-from ..core import scoring
-from ..models import llava_next as adapter
-from ..models import llm_pruning, towers
-from ..testing import demo_image, tiny_model, tiny_processor
 from . import flops
 
 DEFAULT_METHODS = ("globalcom2", "fastervlm", "fastv")
 DEFAULT_RATIOS = (0.75, 0.5, 0.25, 0.1)
-PROMPT = "USER: <image>\nwhat is in this picture ? please describe it . ASSISTANT:"
+QUESTION = "what is in this picture ? please describe it ."
 
 
 @dataclass
@@ -49,7 +46,8 @@ class Row:
     visual_tokens: int
     seq_len: int
     vision_ms: float
-    compress_ms: float
+    select_ms: float | None
+    pack_ms: float
     prefill_ms: float
     decode_ms: float
     peak_mb: float
@@ -64,34 +62,51 @@ class Row:
 # model construction
 # --------------------------------------------------------------------------------------------
 
+#: the random model with LLaVA-NeXT-7B's vision tower and Vicuna-7B's widths (``testing.tiny_model`` keywords)
+LLAVA_NEXT_7B_SHAPE = dict(
+    image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+    text_hidden=4096, text_intermediate=11008, text_heads=32, text_init_std=0.02,
+)  # fmt: skip
 
-def build_model(args: argparse.Namespace):
-    """The model, processor and image the benchmark runs on."""
+
+def bench_prompt(processor) -> str:
+    """LLaVA's one-turn prompt around the processor's image token (random-weight processors have no template)."""
+    from .common import image_prompt
+
+    token = getattr(processor, "image_token", None) or "<image>"
+    if getattr(processor, "chat_template", None):
+        return image_prompt(processor, QUESTION)
+    return f"USER: {token}\n{QUESTION} ASSISTANT:"
+
+
+def build_model(args):
+    """The model and the processor's inputs (plus ``processor_kwargs``) the benchmark runs on."""
+    import torch
+
+    from ..models import adapter_for
+    from ..testing import DEMO_MODELS, demo_image, tiny_model, tiny_processor
+    from .common import load_checkpoint
+
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model:
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=dtype, local_files_only=True)
+        model, processor = load_checkpoint(args.model, args.dtype, args.device)
         model.set_attn_implementation(args.attn)
-        prompt = PROMPT
+    elif args.tiny:
+        torch.manual_seed(0)
+        model, processor = DEMO_MODELS[args.family]()
+        model = model.to(dtype)
+        model.set_attn_implementation(args.attn)
     else:
-        if args.tiny:
-            shape = dict(text_layers=3)
-            processor = tiny_processor()
-        else:
-            shape = dict(
-                image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
-                text_hidden=4096, text_intermediate=11008, text_layers=args.layers, text_heads=32, text_init_std=0.02,
-            )  # fmt: skip
-            processor = tiny_processor(image_size=336, patch_size=14)
+        shape = dict(LLAVA_NEXT_7B_SHAPE, text_layers=args.layers)
+        processor = tiny_processor(image_size=336, patch_size=14)
         model = tiny_model(seed=0, attn_implementation=args.attn, dtype=dtype, **shape)
-        prompt = PROMPT
     model = model.to(args.device).eval()
-    w, h = args.image_size
-    image = demo_image(w, h)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(args.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    h, w = args.image_size
+    image = demo_image(height=h, width=w)
+    inputs = processor(images=[image], text=[bench_prompt(processor)], return_tensors="pt").to(args.device)
+    inputs = dict(inputs, **adapter_for(model).processor_kwargs(processor, [image]))
+    if inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return model, inputs
 
 
@@ -116,6 +131,8 @@ class _PeakRSS:
             return 0
 
     def __enter__(self):
+        import torch
+
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -132,6 +149,8 @@ class _PeakRSS:
             time.sleep(0.002)
 
     def __exit__(self, *exc):
+        import torch
+
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
@@ -144,6 +163,8 @@ class _PeakRSS:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -157,6 +178,8 @@ def _timed(fn, device: str):
 
 def kv_cache_bytes(cache) -> int:
     """Bytes held by a transformers cache object (keys + values of every layer)."""
+    import torch
+
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -165,61 +188,44 @@ def kv_cache_bytes(cache) -> int:
     return total
 
 
-@torch.no_grad()
 def measure(
     model, inputs, method: str | None, ratio: float, decode_tokens: int, device: str, options: dict | None = None
 ) -> dict:
     """One run: times of each stage, memory, KV-cache bytes and per-layer cached lengths.
 
-    options: the method's other options (e.g. ``{"layers": (0, 1, 2)}`` for SparseVLM on a short model).
+    Every stage is the family adapter's (``stock_features`` or ``compress``, then ``pack``), so any supported
+    family runs. options: the method's other options (e.g. ``{"layers": (0, 1, 2)}`` for SparseVLM on a short
+    model).
     """
-    pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
+    import torch
+
+    from .. import make_config
+    from ..models import adapter_for, llm_pruning
+
+    adapter = adapter_for(model)
+    pv, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask")
+    vision_kwargs = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
     cfg = make_config(method, retention_ratio=ratio, **(options or {})) if method else None
-    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
-    layer_idx = model.config.vision_feature_layer
-    geo = adapter.Geometry.from_config(model.config)
-    size_list = [tuple(int(x) for x in s) for s in sizes.tolist()]
-    n_views = [1 + geo.grid(s)[0] * geo.grid(s)[1] for s in size_list]
-    flat = torch.cat([p[:v] for p, v in zip(pv, n_views)])
-
-    def vision():
-        out = tower(flat, output_hidden_states=True, return_dict=True)
-        return out.hidden_states, proj(out.hidden_states[layer_idx][:, 1:])
-
-    (hs, feats), t_vis = _timed(vision, device)
-
-    def compress():
-        per_image = feats.split(n_views)
-        newline = model.model.image_newline
-        if cfg is None or cfg.where == "llm":  # stock packing: unpad + newlines
-            return model.model.pack_image_features(
-                list(per_image), sizes, model.config.vision_feature_select_strategy, newline
-            )[0]
-        req = cfg.requires
-        score_layer = adapter.score_layer(cfg, layer_idx)
-        scorer = scoring.resolve_scorer(req.scorer, has_cls=True)
-        scores = towers.tower_scores(tower, hs, scorer, req.score, score_layer).split(n_views)
-        enc = adapter.EncodedViews(list(per_image), list(scores), hs, n_views, size_list, [layer_idx] * len(size_list))
-        extras = adapter.method_inputs(model, cfg, enc, inputs["input_ids"], inputs.get("attention_mask"))
-        out = []
-        for f, s, size, extra in zip(per_image, scores, size_list, extras):
-            rec = adapter.select_image(cfg, s, size, geo, **extra)
-            out.append(adapter.emit(f, rec.order, newline, adapter.project_extra(model, rec, f)))
-        return out
-
-    image_feats, t_comp = _timed(compress, device)
-    counts = [geo.stock_tokens(s) for s in size_list]
-    packed = adapter.pack(model, inputs["input_ids"], inputs.get("attention_mask"), image_feats, counts)
-    ctx = llm_pruning.pruning(model, cfg, packed.image_spans) if cfg is not None and cfg.where == "llm" else None
-    lm = model.model.language_model
+    cfg = adapter.resolve(cfg, model.config) if cfg is not None else None
+    with torch.no_grad():
+        counts = adapter.stock_counts(model, pv, vision_kwargs, ids)
+        if cfg is None or cfg.where == "llm":  # the stock vision path; in-LLM methods prune inside prefill
+            image_feats, t_vis = _timed(lambda: adapter.stock_features(model, pv, vision_kwargs, ids), device)
+        else:
+            (image_feats, _), t_vis = _timed(lambda: adapter.compress(model, cfg, pv, vision_kwargs, ids, mask), device)
+        packed, t_pack = _timed(lambda: adapter.pack(model, ids, mask, image_feats, counts), device)
+    lm = adapter.language_model(model)
+    in_llm = cfg is not None and cfg.where == "llm"
+    ctx = llm_pruning.pruning(model, cfg, packed.image_spans, lm) if in_llm else None
 
     def prefill():
-        out = lm(inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask, use_cache=True)
+        out = lm(inputs_embeds=packed.inputs_embeds, attention_mask=packed.attention_mask,
+                 position_ids=packed.position_ids, use_cache=True)  # fmt: skip
         return out, model.lm_head(out.last_hidden_state[:, -1:])
 
     layer_times: list[float] = []
     timers = _layer_timers(lm, layer_times, device)
-    with _PeakRSS(device) as peak:
+    with torch.no_grad(), _PeakRSS(device) as peak:
         if ctx is not None:
             with ctx:
                 (out, logits), t_pre = _timed(prefill, device)
@@ -233,12 +239,13 @@ def measure(
     for h in timers:
         h.remove()
     if ctx is None:
-        decode_ms = _decode(model, lm, out, logits, packed, decode_tokens, device)
+        with torch.no_grad():
+            decode_ms = _decode(model, lm, out, logits, packed, decode_tokens, device)
     kv = kv_cache_bytes(_cache_of(out))
     return dict(
-        vision=t_vis, compress=t_comp, prefill=t_pre, decode=decode_ms, peak=peak.peak,
-        kv=kv, visual_tokens=sum(int(f.shape[0]) for f in image_feats), seq_len=packed.inputs_embeds.shape[1],
-        layer_lens=layer_lens, layer_times=layer_times,
+        vision=t_vis, pack=t_pack, prefill=t_pre, decode=decode_ms, peak=peak.peak, kv=kv,
+        visual_tokens=sum(int(f.shape[0]) for f in image_feats), seq_len=packed.inputs_embeds.shape[1],
+        layer_lens=layer_lens, layer_times=layer_times, where="stock" if cfg is None else cfg.where,
     )  # fmt: skip
 
 
@@ -301,6 +308,8 @@ def _cache_lengths(cache) -> list[int]:
 
 def _decode(model, lm, out, logits, packed, n: int, device: str) -> float:
     """Median time of one decoding step over ``n`` greedy tokens (the cache grows as it goes)."""
+    import torch
+
     if n <= 0:
         return float("nan")
     cache, mask, kw = _cache_of(out), packed.attention_mask, _cache_kwarg(lm)
@@ -323,14 +332,20 @@ def _decode(model, lm, out, logits, packed, n: int, device: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args) -> list[Row]:
     """Measure stock and every (method, ratio), interleaved, and return the rows."""
+    from .. import make_config
+    from ..models import adapter_for
+
     model, inputs = build_model(args)
+    adapter = adapter_for(model)
     shape = flops.LMShape.from_config(model.config)
-    element = next(model.model.language_model.parameters()).element_size()
+    element = next(adapter.language_model(model).parameters()).element_size()
     configs = [(None, 1.0)] + [(m, r) for m in args.methods for r in args.ratios]
     for m in args.methods:  # validate names, options and the model before the long run
-        make_config(m, retention_ratio=args.ratios[0], **_options(args, m)).check_model(model)
+        cfg = make_config(m, retention_ratio=args.ratios[0], **_options(args, m))
+        adapter.resolve(cfg, model.config)
+        cfg.check_model(model)
     samples: dict[tuple, list[dict]] = {c: [] for c in configs}
     for c in configs:  # warm-up: one untimed pass over every configuration
         measure(model, inputs, c[0], c[1], 1, args.device, _options(args, c[0]))
@@ -357,17 +372,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     for c in configs:
         s0 = samples[c][0]
         lens = s0["layer_lens"]
-        visual = (
-            s0["visual_tokens"] if c[0] is None or make_config(c[0], **_options(args, c[0])).where == "vision" else None
-        )
         kv_pred = sum(flops.kv_cache_bytes(_one_layer(shape), t, element) for t in lens)
-        if visual is None:  # in-LLM: visual tokens differ per layer; Eq. 8 summed layer by layer
+        if s0["where"] == "llm":  # in-LLM: visual tokens differ per layer; Eq. 8 summed layer by layer
             per_layer_visual = [t - n_text for t in lens]
             f = sum(flops.prefill_flops(_one_layer(shape), v) for v in per_layer_visual)
             f_ref = sum(flops.prefill_flops(_one_layer(shape), t_stock_visual) for _ in lens)
             eq8 = f_ref / f
             visual = round(sum(per_layer_visual) / len(per_layer_visual))
         else:
+            visual = s0["visual_tokens"]
             eq8 = f_stock / flops.prefill_flops(shape, visual)
         row = Row(
             method=c[0] or "stock",
@@ -375,7 +388,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             visual_tokens=visual,
             seq_len=int(s0["seq_len"]),
             vision_ms=med(c, "vision") * 1e3,
-            compress_ms=med(c, "compress") * 1e3,
+            select_ms=(med(c, "vision") - med(stock, "vision")) * 1e3 if s0["where"] == "vision" else None,
+            pack_ms=med(c, "pack") * 1e3,
             prefill_ms=med(c, "prefill") * 1e3,
             decode_ms=med(c, "decode") * 1e3,
             peak_mb=med(c, "peak") / 2**20,
@@ -394,7 +408,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def _options(args: argparse.Namespace, method: str | None) -> dict:
+def _options(args, method: str | None) -> dict:
     """The ``--options`` given for ``method`` (JSON lists become tuples)."""
     raw = (getattr(args, "options", None) or {}).get(method, {}) if method else {}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
@@ -407,10 +421,10 @@ def _one_layer(shape):
     return replace(shape, num_layers=1)
 
 
-def format_table(rows: list[Row], args: argparse.Namespace) -> str:
+def format_table(rows: list[Row], args) -> str:
     """The printed results table."""
     head = (
-        f"{'method':>12} {'R':>5} {'vis.tok':>7} {'vision ms':>9} {'compr ms':>8} {'prefill ms':>10} "
+        f"{'method':>12} {'R':>5} {'vis.tok':>7} {'vision ms':>9} {'select ms':>9} {'prefill ms':>10} "
         f"{'speedup':>7} {'Eq.8 bound':>10} {'decode ms':>9} {'peak MB':>8} {'KV MiB':>8} {'KV pred':>8}"
     )
     if args.extrapolate_layers:
@@ -418,7 +432,8 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [head]
     for r in rows:
         line = (
-            f"{r.method:>12} {r.ratio:>5.2f} {r.visual_tokens:>7d} {r.vision_ms:>9.1f} {r.compress_ms:>8.2f} "
+            f"{r.method:>12} {r.ratio:>5.2f} {r.visual_tokens:>7d} {r.vision_ms:>9.1f} "
+            f"{'-' if r.select_ms is None else f'{r.select_ms:+.1f}':>9} "
             f"{r.prefill_ms:>10.1f} {r.prefill_speedup:>6.2f}x {r.eq8_speedup:>9.2f}x {r.decode_ms:>9.2f} "
             f"{r.peak_mb:>8.1f} {r.kv_mb:>8.2f} {r.kv_pred_mb:>8.2f}"
         )
@@ -455,46 +470,87 @@ def plot(rows: list[Row], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 bench``."""
-    ap = argparse.ArgumentParser(prog="globalcom2 bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="local LLaVA-NeXT checkpoint (default: random weights, real widths)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny random model (seconds; for smoke tests)")
+    from .common import (
+        Parser,
+        checkpoint_dir,
+        known_family,
+        method_config,
+        resolve_device,
+        resolve_dtype,
+        summary,
+        writable,
+    )
+
+    ap = Parser(prog="globalcom2 bench", description=summary(__doc__))
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local checkpoint of any supported family (default: random weights, real widths)")
+    src.add_argument("--tiny", action="store_true", help="the tiny random model of --family (seconds; smoke tests)")
+    ap.add_argument("--family", default="llava_next",
+                    help="family of the --tiny model: llava_next (default), llava_onevision, internvl, ... "
+                    "(a --model checkpoint names its own)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=3, help="LM layers of the random 7B-shaped model (FastV K=2 needs 3)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     ap.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
-    ap.add_argument("--image-size", nargs=2, type=int, default=[672, 672], metavar=("W", "H"))
+    ap.add_argument("--image-size", nargs=2, type=int, default=[672, 672], metavar=("H", "W"),
+                    help="height and width of the generated test image in pixels (default 672 672)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=4)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
-                    choices=["float32", "float16", "bfloat16"])  # fmt: skip
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="default: float16 on CUDA, float32 elsewhere")  # fmt: skip
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--extrapolate-layers", type=int, default=None,
                     help="also print prefill time scaled to this many layers (labelled as extrapolated)")  # fmt: skip
-    ap.add_argument("--options", type=json.loads, default={},
+    ap.add_argument("--options", default="{}",
                     help='JSON options per method, e.g. {"sparsevlm": {"layers": [0, 1, 2]}} (4 layers)')  # fmt: skip
     ap.add_argument("--json", help="write rows as JSON")
     ap.add_argument("--csv", help="write rows as CSV")
     ap.add_argument("--plot", help="write a speedup-vs-R PNG (matplotlib)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    known_family(ap, args.family)
     if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    if not isinstance(args.options, dict) or not all(isinstance(v, dict) for v in args.options.values()):
-        ap.error("--options must be a JSON object of method name -> object of options")
-    for r in args.ratios:
-        if not 0 < r <= 1:
-            ap.error(f"--ratios must be in (0, 1], got {r}")
+        ap.fail("--repeats", args.repeats, "must be >= 1")
+    if args.layers < 1:
+        ap.fail("--layers", args.layers, "must be >= 1")
+    if args.decode_tokens < 0:
+        ap.fail("--decode-tokens", args.decode_tokens, "must be >= 0")
+    if min(args.image_size) < 1:
+        ap.fail("--image-size", args.image_size, "height and width must be positive pixel counts")
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        ap.fail("--options", args.options, f"not JSON ({err})")
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        ap.fail("--options", args.options, "must be a JSON object of method name -> object of options")
+    args.options = options
+    for m in args.methods:
+        for r in args.ratios:
+            method_config(ap, m, r, _options(args, m), ("--methods", "--ratios", "--options"))
+    unused = sorted(set(options) - set(args.methods))
+    if unused:
+        ap.fail("--options", args.options, f"names {', '.join(unused)}, which is not among --methods")
+    checkpoint_dir(ap, "--model", args.model)
+    for flag in ("--json", "--csv", "--plot"):
+        writable(ap, flag, getattr(args, flag[2:]))
+    args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
 
-    rows = run(args)
+    try:
+        rows = run(args)
+    except ValueError as err:  # a method the family cannot run, an option the model refuses
+        ap.error(str(err))
     what = "local checkpoint " + args.model if args.model else (
-        "tiny random model" if args.tiny else
+        f"tiny random {args.family} model" if args.tiny else
         f"random weights, LLaVA-NeXT-7B widths (CLIP-ViT-L/14-336 + Vicuna-7B d=4096 m=11008), {args.layers} LM layers"
     )  # fmt: skip
-    print(f"globalcom2 bench: {what}; image {args.image_size[0]}x{args.image_size[1]}; device {args.device}; "
+    h, w = args.image_size
+    print(f"globalcom2 bench: {what}; image {h}x{w} px (height x width); device {args.device}; "
           f"{args.dtype}; attn {args.attn}; median of {args.repeats}, stock and methods interleaved")  # fmt: skip
     print(format_table(rows, args))
     print("speedup = stock prefill / method prefill (measured); Eq. 8 bound = stock / method prefill FLOPs "
-          "over the visual tokens; KV pred = 2 L T d_kv bytes for the tokens each layer cached.")  # fmt: skip
+          "over the visual tokens; KV pred = 2 L T d_kv bytes for the tokens each layer cached; "
+          "select = the row's vision time minus the stock row's (what scores and selection add).")  # fmt: skip
     if args.extrapolate_layers:
         print(
             f"prefill@{args.extrapolate_layers}L is EXTRAPOLATED, not measured: the median measured time of each "

@@ -20,7 +20,6 @@ The paper's KV-cache column is reproduced exactly from our byte counts by ``llm_
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -350,32 +349,49 @@ def format_table(rows: list[EfficiencyRow], shape: LMShape) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 flops``."""
-    from ..methods import REGISTRY
+    from .common import Parser, method_config, summary, writable
 
-    ap = argparse.ArgumentParser(prog="globalcom2 flops", description=__doc__.splitlines()[0])
+    ap = Parser(prog="globalcom2 flops", description=summary(__doc__))
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="built-in shape (default llava-next-7b)")
     src.add_argument(
-        "--config", help="a local config.json (or its directory) of a LLaVA-NeXT, InternVL or language model"
+        "--config", help="a local config.json (or its directory) of a supported multimodal model or a language model"
     )
     ap.add_argument("--ratios", nargs="+", type=float, default=list(PAPER_RATIOS))
     ap.add_argument("--tokens", type=int, default=FULL_TOKENS, help="visual tokens at R = 1 (paper: 2880)")
     ap.add_argument("--bytes-per-element", type=int, default=2, help="KV-cache element size (2 = fp16)")
     ap.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
-                    help="also print the visual tokens each method keeps for an image of this size")  # fmt: skip
+                    help="also print the visual tokens each method keeps for an image of this height and width "
+                    "(pixels)")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=["globalcom2", "fastervlm", "fastv"])
     ap.add_argument("--csv", help="write the table as CSV")
     ap.add_argument("--json", help="write the table as JSON")
     args = ap.parse_args(argv)
+    for r in args.ratios:
+        try:
+            _check_ratio(r)
+        except ValueError as err:
+            ap.fail("--ratios", r, err)
+    if args.image_size is not None:
+        if min(args.image_size) < 1:
+            ap.fail("--image-size", args.image_size, "height and width must be positive pixel counts")
+        for m in args.methods:
+            for r in args.ratios:
+                method_config(ap, m, r, flags=("--methods", "--ratios", "--options"))
+    for flag in ("--csv", "--json"):
+        writable(ap, flag, getattr(args, flag[2:]))
     try:
         if args.config:
             shape, preset = LMShape.from_config(args.config, name=args.config), ""
         else:
             preset = args.preset or "llava-next-7b"
             shape = PRESETS[preset]
+    except ValueError as err:
+        ap.fail("--config", args.config, err)
+    try:
         rows = efficiency_table(shape, args.ratios, args.tokens, args.bytes_per_element, preset)
     except ValueError as err:
-        ap.error(str(err))
+        ap.fail("--tokens", args.tokens, err)
     print(format_table(rows, shape))
     print(
         "TFLOPs: Eq. 8 prefill FLOPs of the LLM over the visual tokens / 1e12. KV MiB: 2 L T d_kv bytes / 2^20. "
@@ -391,14 +407,18 @@ def main(argv: list[str] | None = None) -> int:
     model_config = _model_config(args.config) if args.config and args.image_size else None
     if model_config is not None:
         size = tuple(args.image_size)
-        print(f"\nvisual tokens for a {size[1]}x{size[0]} image ({model_config.model_type} geometry):")
+        print(f"\nvisual tokens for an image of {size[0]}x{size[1]} px, height x width ({model_config.model_type} "
+              "geometry):")  # fmt: skip
         for m, r, line in family_token_counts(model_config, args.methods, args.ratios, size):
             print(f"  {m:>12} R={r:<5} {line}")
     elif args.image_size:
-        print(f"\nvisual tokens for a {args.image_size[1]}x{args.image_size[0]} image (LLaVA-NeXT-7B geometry):")
+        from ..methods import REGISTRY
+
+        size = tuple(args.image_size)
+        print(f"\nvisual tokens for an image of {size[0]}x{size[1]} px, height x width (LLaVA-NeXT-7B geometry):")
         for m in args.methods:
             for r in args.ratios:
-                c = visual_tokens(m, r, tuple(args.image_size))
+                c = visual_tokens(m, r, size)
                 note = "" if c.exact else " (expected; depends on the image)"
                 in_llm = REGISTRY[m].where == "llm"  # the method's default form
                 entering = c.stock if in_llm else c.kept  # in-LLM: pruned layer by layer

@@ -6,9 +6,10 @@ Pure Python (no lmms-eval), so it is importable and testable without the ``eval`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..methods import MethodConfig, make_config
+if TYPE_CHECKING:  # pragma: no cover - imported where used, so that `globalcom2 report` loads no torch
+    from ..methods import MethodConfig
 
 #: method names that mean "no patch": the uncompressed baseline row of the paper's tables.
 STOCK_METHODS = ("none", "stock")
@@ -73,6 +74,8 @@ def method_choice(method: str = "globalcom2", **options: Any) -> MethodChoice:
 
     Raises TypeError naming the valid keys when an option is unknown, ValueError on a bad value.
     """
+    from ..methods import make_config
+
     method = str(method)
     options = {k: coerce(v) for k, v in options.items()}
     if method.lower() in STOCK_METHODS:

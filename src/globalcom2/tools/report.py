@@ -9,7 +9,6 @@ score / stock score, in percent. Prints Markdown; ``--csv`` / ``--markdown`` wri
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -97,6 +96,7 @@ class Run:
     options: dict[str, Any]
     results: dict[str, dict[str, Any]]
     label: str | None = None
+    checkpoint: str | None = None  # model_args ``pretrained``: which model the run scored
 
     @property
     def row_key(self) -> tuple:
@@ -143,7 +143,10 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
             ratio = make_config(method).retention_ratio
         ratio = float(ratio)
         options = {k: v for k, v in args.items() if k not in LOADER_ARGS and k != "retention_ratio"}
-    return Run(path, model, method, ratio, options, data["results"], label)
+    pretrained = args.get("pretrained")
+    return Run(
+        path, model, method, ratio, options, data["results"], label, None if pretrained is None else str(pretrained)
+    )
 
 
 def metric_value(task_results: dict[str, Any], metric: str) -> float | None:
@@ -214,6 +217,12 @@ def build_table(
 ) -> Table:
     """Group runs into rows, read each benchmark's headline score, and compute scores relative to the stock row."""
     warnings: list[str] = []
+    checkpoints = sorted({r.checkpoint for r in runs if r.checkpoint is not None and r.label is None})
+    if len(checkpoints) > 1:  # e.g. a local path and the Hub name of the same model; or two models by mistake
+        warnings.append(
+            f"the results name {len(checkpoints)} checkpoints ({', '.join(checkpoints)}); rows are grouped by method "
+            "and options only, and every row is compared with one stock row: report one model at a time"
+        )
     rows: dict[tuple, Row] = {}
     for run in runs:
         row = rows.get(run.row_key)
@@ -361,7 +370,9 @@ def _benchmarks(task_maps: list[tuple[str, str]], metric_maps: list[tuple[str, s
 
 def main(argv: list[str] | None = None) -> int:
     """``globalcom2 report RESULTS... [--label PATH=LABEL] [--task TASK=COLUMN] [--csv F] [--markdown F]``."""
-    parser = argparse.ArgumentParser(
+    from .common import Parser
+
+    parser = Parser(
         prog="globalcom2 report",
         description="Paper-style accuracy table (scores and average relative score) from lmms-eval result files.",
         epilog="Columns: "

@@ -13,16 +13,15 @@ matplotlib is an optional extra (``pip install globalcom2[viz]``) imported only 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .. import make_config
-from ..core import scoring
-from ..models import adapter_for, family_names
-from ..models.base import ImageRecord
+if TYPE_CHECKING:  # pragma: no cover - torch and the models are imported when drawing, not for --help
+    import torch
+
+    from ..models.base import ImageRecord
 
 
 @dataclass
@@ -65,6 +64,8 @@ def _image_token(processor) -> str:
 
 
 def _denormalize(view: torch.Tensor, processor) -> np.ndarray:
+    import torch
+
     ip = getattr(processor, "image_processor", processor)
     mean = torch.tensor(getattr(ip, "image_mean", [0.0, 0.0, 0.0]), dtype=torch.float32)[:, None, None]
     std = torch.tensor(getattr(ip, "image_std", [1.0, 1.0, 1.0]), dtype=torch.float32)[:, None, None]
@@ -79,6 +80,12 @@ def panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,)) -> 
     default form prunes inside the language model but that has a vision-side form (DART) is drawn in that
     form (``form="embedding"``); FastV and SparseVLM cannot be drawn.
     """
+    import torch
+
+    from .. import make_config
+    from ..core import scoring
+    from ..models import adapter_for
+
     family = adapter_for(model)
     family.check_model(model)
     configs = []
@@ -221,36 +228,57 @@ def render_image(*args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``globalcom2 viz``."""
-    ap = argparse.ArgumentParser(prog="globalcom2 viz", description=__doc__.splitlines()[0])
+    from . import common
+    from .common import Parser, method_config
+
+    ap = Parser(prog="globalcom2 viz", description=common.summary(__doc__))
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local checkpoint of a supported family (LLaVA-NeXT, OneVision, InternVL -hf)")
     src.add_argument("--demo", action="store_true", help="tiny random-weight model and a generated image")
     ap.add_argument("--image", help="image file (required with --model)")
-    ap.add_argument("--family", choices=sorted(family_names()), default="llava_next",
-                    help="model family of the --demo model (a --model checkpoint names its own)")  # fmt: skip
+    ap.add_argument("--family", default="llava_next",
+                    help="model family of the --demo model: llava_next (default), llava_onevision, internvl, ... "
+                    "(a --model checkpoint names its own)")  # fmt: skip
     ap.add_argument("--method", nargs="+", default=["globalcom2"], help="one or more vision-side methods")
     ap.add_argument("--ratio", nargs="+", type=float, default=[0.25], help="one or more retention ratios")
     ap.add_argument("--out", default="globalcom2-viz.png", help="PNG to write")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     args = ap.parse_args(argv)
     if args.model and not args.image:
         ap.error("--image is required with --model")
+    common.known_family(ap, args.family)
+    from .. import make_config
+    from ..models import adapter_for
+
+    for m in args.method:
+        for r in args.ratio:
+            cfg = method_config(ap, m, r)
+            if cfg.where != "vision" and "embedding" not in cfg.forms:
+                ap.fail("--method", m, "prunes inside the language model; only vision-side methods can be drawn")
+    common.checkpoint_dir(ap, "--model", args.model)
+    common.existing_file(ap, "--image", args.image)  # before any model is loaded
+    common.writable(ap, "--out", args.out)
+    from ..testing import DEMO_MODELS, demo_image
+
     if args.demo:
-        from ..testing import DEMO_MODELS, demo_image
-
         model, processor = DEMO_MODELS[args.family]()
-        image = demo_image(640, 400) if not args.image else _open(args.image)
     else:
-        import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from .common import load_checkpoint
 
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-        family = adapter_for(config, "--model")  # TypeError naming the supported classes
-        model_class = getattr(transformers, family.model_classes[0])
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        model = model_class.from_pretrained(args.model, local_files_only=True)
-        image = _open(args.image)
-    model = model.to(args.device).eval()
+        try:
+            model, processor = load_checkpoint(args.model)
+        except TypeError as err:
+            ap.fail("--model", args.model, err)
+    try:
+        image = demo_image(height=400, width=640) if not args.image else _open(args.image)
+    except OSError as err:
+        ap.fail("--image", args.image, f"not an image PIL can read ({err})")
+    for m in args.method:  # what the family cannot run, named before any work
+        try:
+            adapter_for(model).resolve(make_config(m, retention_ratio=args.ratio[0]), model.config)
+        except ValueError as err:
+            ap.fail("--method", m, err)
+    model = model.to(common.resolve_device(args.device)).eval()
     fig = render(model, processor, image, methods=args.method, ratios=args.ratio, random_weights=args.demo)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"saved {args.out}")

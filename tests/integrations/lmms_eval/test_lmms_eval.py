@@ -228,7 +228,11 @@ def _requests(lm, kind: str, items: list[tuple], task: str = "t", split: str = "
     return reqs
 
 
-IMAGES = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2), demo_image(500, 120, seed=3)]
+IMAGES = [
+    demo_image(height=220, width=300, seed=1),
+    demo_image(height=400, width=150, seed=2),
+    demo_image(height=120, width=500, seed=3),
+]
 QUESTIONS = ["what is this ?", "what color is the sky in the picture ?", "how many cars ?"]
 
 

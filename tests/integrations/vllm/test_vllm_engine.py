@@ -43,7 +43,7 @@ SIZES = [(220, 300), (400, 150), (120, 500)]  # (height, width): three AnyRes gr
 
 
 def _images():
-    return [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
 
 
 def _overrides(options: dict) -> dict:

@@ -41,7 +41,7 @@ FAMILIES = {
 
 
 def _images():
-    return [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
 
 
 def _hf(model, processor, prompt) -> list[tuple[int, list[int]]]:

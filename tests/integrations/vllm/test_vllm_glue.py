@@ -156,7 +156,7 @@ def test_vllm_selection_glue_gives_the_hf_tokens(name, options):
     from globalcom2.testing.tiny import demo_image
 
     model, processor = tiny_model(seed=0), tiny_processor()
-    imgs = [demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)]
+    imgs = [demo_image(height=220, width=300, seed=1), demo_image(height=400, width=150, seed=2)]
     inputs = processor(
         images=imgs, text=["<image>"] * 2, return_tensors="pt", input_data_format="channels_last", padding=True
     )
@@ -241,7 +241,9 @@ def test_tiny_qwen_models_generate_varied_tokens():
     for make_model, make_processor in ((tiny_qwen.tiny_qwen2_5_vl_model, tiny_qwen.tiny_qwen2_5_vl_processor),
                                        (tiny_qwen.tiny_qwen3_vl_model, tiny_qwen.tiny_qwen3_vl_processor)):  # fmt: skip
         model, processor = make_model(seed=0), make_processor()
-        inputs = processor(images=[demo_image(150, 400, seed=2)], text=[tiny_qwen.PROMPT], return_tensors="pt")
+        inputs = processor(
+            images=[demo_image(height=400, width=150, seed=2)], text=[tiny_qwen.PROMPT], return_tensors="pt"
+        )
         assert int(inputs["image_grid_thw"].prod()) // 4 == int(
             (inputs["input_ids"] == model.config.image_token_id).sum()
         )

@@ -43,7 +43,7 @@ TIMEOUT = 600
 
 
 def _images():
-    return [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ TINY = {"text_heads": 2}  # head_dim 32: the smallest vLLM's CPU attention suppo
 
 
 def _images():
-    return [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i + 1) for i, (h, w) in enumerate(SIZES)]
 
 
 def _llm(path: str, arch: str | None, options: dict | None):

@@ -74,11 +74,11 @@ def _png(img) -> bytes:
 def _kinds() -> tuple[dict, dict, dict, dict]:
     """(good, same_as, bad, vllm_5xx): kind -> request body; ``same_as``: good kind -> the kind it must equal."""
     sizes = {"300x220": (300, 220), "150x400": (150, 400), "500x120": (500, 120), "224x224": (224, 224)}
-    url = {k: data_url(_png(demo_image(w, h, seed=i + 1))) for i, (k, (w, h)) in enumerate(sizes.items())}
+    url = {k: data_url(_png(demo_image(height=h, width=w, seed=i + 1))) for i, (k, (w, h)) in enumerate(sizes.items())}
     huge = Image.linear_gradient("L").resize((8000, 8000)).convert("RGB")
     buf = io.BytesIO()
     huge.save(buf, format="PNG", compress_level=1)
-    png_300 = _png(demo_image(300, 220, seed=1))
+    png_300 = _png(demo_image(height=220, width=300, seed=1))
     body = lambda urls, **extra: chat_body(NAME, urls, "what is this ?", MAX_TOKENS, **extra)
     good = {f"image_{k}": body([u]) for k, u in url.items()}
     good["two_images"] = body([url["300x220"], url["150x400"]])

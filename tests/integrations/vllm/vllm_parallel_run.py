@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
         pipeline_parallel_size=pp,
         **kwargs,
     )
-    imgs = [demo_image(w, h, seed=i + 1) for i, (h, w) in enumerate(sizes)]
+    imgs = [demo_image(height=h, width=w, seed=i + 1) for i, (h, w) in enumerate(sizes)]
     reqs = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in imgs]
     outs = llm.generate(
         reqs, SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

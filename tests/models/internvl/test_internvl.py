@@ -29,7 +29,7 @@ def proc():
 
 @pytest.fixture(scope="module")
 def imgs():
-    return [demo_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    return [demo_image(height=h, width=w, seed=i) for i, (w, h) in enumerate(SIZES)]
 
 
 def inputs_for(proc, images, prompts=None):
@@ -93,7 +93,7 @@ def test_pixel_shuffle_groups_are_2x2_patch_blocks_in_raster_order():
 def test_grid_and_stock_count_follow_the_processor(proc, size):
     model_cfg = tiny_internvl_config()
     h, w = size
-    out = proc(images=[demo_image(w, h)], text=[PROMPT], return_tensors="pt")
+    out = proc(images=[demo_image(height=h, width=w)], text=[PROMPT], return_tensors="pt")
     geo = internvl.Geometry.from_config(model_cfg)
     grid = geo.grid(size)
     n_img = int((out["input_ids"] == model_cfg.image_token_id).sum())
@@ -253,31 +253,32 @@ def test_single_tile_image_is_its_own_global_view(proc, imgs):
     assert globalcom2.num_image_tokens(model, sizes[0], budget="exact", retention_ratio=1.0) == 16
 
 
-def test_crop_grid_is_required_and_decides_the_layout(proc):
+def test_crop_grid_is_read_from_the_tiles_and_decides_the_layout(proc):
     model = tiny_internvl_model()
-    wide, tall = demo_image(300, 200), demo_image(200, 300)  # 6 tiles each: 2 x 3 and 3 x 2
+    wide, tall = demo_image(height=200, width=300), demo_image(height=300, width=200)  # 6 tiles each: 2 x 3 and 3 x 2
     inputs, sizes = inputs_for(proc, [wide])
     globalcom2.apply(model, retention_ratio=0.5)
-    with pytest.raises(ValueError, match="image_grids"):
-        model(**inputs)
     cfg = globalcom2.get_config(model)
     with torch.no_grad():
+        recovered = internvl.ADAPTER.prepare_images(model, cfg, inputs["pixel_values"], {}, inputs["input_ids"])
         by_size = internvl.ADAPTER.prepare_images(
             model, cfg, inputs["pixel_values"], {"image_sizes": sizes}, inputs["input_ids"]
         )
         by_grid = internvl.ADAPTER.prepare_images(
             model, cfg, inputs["pixel_values"], {"image_grids": [(2, 3)]}, inputs["input_ids"]
         )
-        swapped = internvl.ADAPTER.prepare_images(
-            model, cfg, inputs["pixel_values"], {"image_grids": [(3, 2)]}, inputs["input_ids"]
-        )
-    assert by_size[2][0].grid == (2, 3) and torch.equal(by_size[0][0], by_grid[0][0])
-    assert swapped[2][0].grid == (3, 2)
-    assert not torch.equal(by_size[2][0].selection.crop_ratios, swapped[2][0].selection.crop_ratios)
+    assert recovered[2][0].grid == by_size[2][0].grid == (2, 3)
+    assert torch.equal(recovered[0][0], by_size[0][0]) and torch.equal(by_size[0][0], by_grid[0][0])
+    rec = recovered[2][0]
+    tile_scores = torch.cat([rec.scores[1:], rec.scores[:1]])  # (7, 16) back in the processor's tile order
+    swapped = internvl.select_image(cfg, tile_scores.new_zeros(7, 16, 1), tile_scores, (3, 2))
+    assert not torch.equal(rec.selection.crop_ratios, swapped.selection.crop_ratios)  # the grid decides the budgets
+    with pytest.raises(ValueError, match="image_grids gives image 0 a 3 x 2 grid .* contradicts"):
+        model(**inputs, image_grids=[(3, 2)])
     assert internvl.crop_grid((300, 200), 112) == (3, 2)
     tall_inputs, _ = inputs_for(proc, [tall])
     assert tall_inputs["pixel_values"].shape[0] == 7
-    with pytest.raises(ValueError, match="image_sizes gives image 0 a 1 x 4 grid"):  # a 400 x 100 image's grid
+    with pytest.raises(ValueError, match=r"image_sizes gives image 0 the size \(100, 400\), a 1 x 4 tile grid"):
         model(**tall_inputs, image_sizes=[(100, 400)])
 
 
@@ -319,10 +320,11 @@ def test_processor_grids_follow_the_processors_own_settings(imgs):
     assert out["pixel_values"].shape[0] == 4 + 1 + 4
     model = tiny_internvl_model()
     globalcom2.apply(model, retention_ratio=0.5)
-    with pytest.raises(ValueError, match="image_sizes gives image 0 a 2 x 5 grid"):  # default 12 tiles != 4
-        model(**out, image_sizes=[(im.height, im.width) for im in imgs])
+    with pytest.raises(ValueError, match=r"image_sizes gives image 0 the size \(120, 300\), a 2 x 5 tile grid"):
+        model(**out, image_sizes=[(im.height, im.width) for im in imgs])  # the default 12 tiles, not 4
     with torch.no_grad():
-        model(**out, image_grids=grids)
+        given = model(**out, image_grids=grids).logits
+        assert torch.equal(model(**out).logits, given)  # the arrangement is read from the tiles
 
 
 def test_viz_draws_the_tokens_the_llm_receives(proc, imgs):
@@ -359,7 +361,7 @@ def test_flops_cli_counts_internvl_tokens(tmp_path, capsys):
     assert "visionzip R=0.25  stock 176: method 'visionzip' is not supported on InternVL" in out
 
 
-def test_lmms_plugin_passes_the_crop_grids(proc, imgs):
+def test_lmms_plugin_needs_no_crop_grids(proc, imgs):
     pytest.importorskip("lmms_eval")
     from globalcom2.integrations.lmms_eval.plugin import GlobalCom2LlavaNext
     from globalcom2.tools import model_args as opts
@@ -370,7 +372,7 @@ def test_lmms_plugin_passes_the_crop_grids(proc, imgs):
     plugin.choice = opts.method_choice("globalcom2", retention_ratio=0.25)
     globalcom2.apply(plugin._model, plugin.choice.config)
     batch = plugin._inputs(["<IMG_CONTEXT> what ?"], imgs[:1])
-    assert batch["image_grids"] == [(2, 5)]
+    assert "image_grids" not in batch and "image_sizes" not in batch  # the processor's output as it is
     with torch.no_grad():
         plugin._model(**batch)
 
@@ -411,7 +413,7 @@ def test_eager_and_sdpa_agree_bf16_runs_and_remove_is_bit_exact(proc, imgs):
 def test_counts_equal_the_formula(proc, size, method, options):
     model = tiny_internvl_model()
     h, w = size
-    inputs, sizes = inputs_for(proc, [demo_image(w, h)])
+    inputs, sizes = inputs_for(proc, [demo_image(height=h, width=w)])
     globalcom2.apply(model, method=method, retention_ratio=0.3, **options)
     with torch.no_grad():
         _, _, (rec,) = internvl.ADAPTER.prepare_images(

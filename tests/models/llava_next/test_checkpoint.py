@@ -38,7 +38,7 @@ def _inputs(processor, device, images, question="What is in this image?"):
 
 def test_real_checkpoint_token_budget_and_generate(real):
     model, processor, device = real
-    inputs = _inputs(processor, device, [demo_image(672, 480)])
+    inputs = _inputs(processor, device, [demo_image(height=480, width=672)])
     geo = A.Geometry.from_config(model.config)
     stock = geo.stock_tokens(tuple(inputs["image_sizes"][0].tolist()))
     for ratio in (0.5, 0.1):
@@ -57,7 +57,7 @@ def test_real_checkpoint_token_budget_and_generate(real):
 
 def test_real_checkpoint_batch_matches_single(real):
     model, processor, device = real
-    images = [demo_image(672, 480, seed=1), demo_image(300, 900, seed=2)]
+    images = [demo_image(height=480, width=672, seed=1), demo_image(height=900, width=300, seed=2)]
     globalcom2.apply(model, retention_ratio=0.25)
     try:
         batch = _inputs(processor, device, images)

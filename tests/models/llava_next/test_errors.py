@@ -96,7 +96,7 @@ def test_vision_tower_without_cls_token():
 
 
 def test_images_without_image_sizes(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     inputs.pop("image_sizes")
     globalcom2.apply(model)
     with pytest.raises(ValueError, match="image_sizes is required with pixel_values"):
@@ -106,7 +106,7 @@ def test_images_without_image_sizes(model, processor):
 
 
 def test_mismatched_image_sizes_and_pixel_values(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     globalcom2.apply(model)
     bad = dict(inputs, image_sizes=torch.tensor([[200, 300], [100, 100]]))
     with pytest.raises(ValueError, match="pixel_values holds 1 images but image_sizes holds 2"):
@@ -120,7 +120,7 @@ def test_mismatched_image_sizes_and_pixel_values(model, processor):
 
 
 def test_placeholder_count_mismatch(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     globalcom2.apply(model)
     ids = inputs["input_ids"].clone()
     ids[0, ids[0] == model.config.image_token_id] = processor.tokenizer.convert_tokens_to_ids("a")
@@ -129,7 +129,7 @@ def test_placeholder_count_mismatch(model, processor):
 
 
 def test_position_ids_with_images_are_refused(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     globalcom2.apply(model)
     with pytest.raises(ValueError, match="position_ids cannot be given with pixel_values"):
         model(**inputs, position_ids=torch.arange(inputs["input_ids"].shape[1])[None])
@@ -199,7 +199,7 @@ def test_static_cache_with_in_llm_methods_is_refused_before_any_work(processor, 
     from transformers import GenerationConfig
 
     model = _deep_model()
-    inputs = make_inputs(processor, [demo_image(300, 200), demo_image(200, 300)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300), demo_image(height=300, width=200)])
     globalcom2.apply(model, method, retention_ratio=0.5, **IN_LLM_OPTIONS[method])
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
@@ -213,7 +213,7 @@ def test_static_cache_with_in_llm_methods_is_refused_before_any_work(processor, 
 
 
 def test_static_cache_with_vision_side_methods_works(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200), demo_image(200, 300)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300), demo_image(height=300, width=200)])
     globalcom2.apply(model, retention_ratio=0.5)
     dynamic = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     static = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
@@ -224,7 +224,7 @@ def test_static_cache_with_vision_side_methods_works(model, processor):
 def test_empty_language_model_input_is_a_clear_error(processor, method):
     """Only ``<image>`` in the prompt and a ratio that keeps no image token: nothing is left to run on."""
     model = _deep_model()
-    inputs = make_inputs(processor, [demo_image(300, 200)], ["<image>"])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)], ["<image>"])
     globalcom2.apply(model, method, retention_ratio=0.001, **IN_LLM_OPTIONS.get(method, {}))
     with pytest.raises(ValueError, match=r"row\(s\) \[0\] of the batch .* no token at all.*retention_ratio"):
         model(**inputs)
@@ -236,7 +236,7 @@ def test_empty_language_model_input_is_a_clear_error(processor, method):
 
 def test_fastervlm_positive_feature_layer_scores_the_same_layer(model, processor):
     """hidden_states has num_layers + 1 entries: on a 2-layer tower, layer 2 is layer -1."""
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     with torch.no_grad():
         stock_pos = model(**inputs, vision_feature_layer=2).logits
         stock_neg = model(**inputs, vision_feature_layer=-1).logits
@@ -288,7 +288,7 @@ def test_save_pretrained_writes_stock_architecture_and_config_is_untouched(model
     assert type(loaded) is LlavaNextForConditionalGeneration
     globalcom2.remove(model)
     assert model.config.to_dict() == before
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
@@ -296,7 +296,7 @@ def test_save_pretrained_writes_stock_architecture_and_config_is_untouched(model
 @pytest.mark.parametrize("method", ["globalcom2", "fastervlm", "fastv"])
 @pytest.mark.parametrize("layer", [3, -4, 99, [-2], (-2, -1), "-2", 1.0, None])
 def test_bad_call_time_vision_feature_layer(model, processor, method, layer):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     globalcom2.apply(model, method)
     if layer is None:  # None means "the config's": fine
         model(**inputs, vision_feature_layer=layer)
@@ -309,9 +309,9 @@ def test_bad_call_time_vision_feature_layer(model, processor, method, layer):
 
 @pytest.mark.parametrize("method", ["globalcom2", "fastv"])
 def test_processor_outputs_from_different_calls(model, processor, method):
-    one = make_inputs(processor, [demo_image(300, 200)])
-    two = make_inputs(processor, [demo_image(300, 200), demo_image(200, 300)])
-    wide = make_inputs(processor, [demo_image(400, 100)])
+    one = make_inputs(processor, [demo_image(height=200, width=300)])
+    two = make_inputs(processor, [demo_image(height=200, width=300), demo_image(height=300, width=200)])
+    wide = make_inputs(processor, [demo_image(height=100, width=400)])
     globalcom2.apply(model, method)
     with pytest.raises(ValueError, match="pixel_values holds 2 images but image_sizes holds 1"):
         model(**dict(one, pixel_values=two["pixel_values"]))
@@ -330,7 +330,7 @@ def test_processor_outputs_from_different_calls(model, processor, method):
 
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_labels_of_the_wrong_length(model, processor, delta):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     ids = inputs["input_ids"]
     labels = torch.cat([ids, ids[:, :1]], dim=1) if delta > 0 else ids[:, :-1]
     with pytest.raises(ValueError):  # stock refuses too
@@ -343,7 +343,7 @@ def test_labels_of_the_wrong_length(model, processor, delta):
 def test_max_length_not_above_the_prompt_names_max_length(model, processor):
     from transformers import GenerationConfig
 
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     n = inputs["input_ids"].shape[1]
     with pytest.raises(ValueError, match="max_length"):  # stock refuses as well
         model.generate(**inputs, max_length=n)
@@ -358,7 +358,7 @@ def test_max_length_not_above_the_prompt_names_max_length(model, processor):
 def test_loss_when_no_label_survives_compression_is_nan_like_stock(model, processor):
     """Labels on image placeholders have no counterpart after compression and are dropped; with
     nothing left the loss is nan, as stock's loss is when every label is ignored (-100)."""
-    inputs = make_inputs(processor, [demo_image(300, 200)], ["<image> what"])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)], ["<image> what"])
     is_img = inputs["input_ids"] == model.config.image_token_id
     labels = torch.where(is_img, inputs["input_ids"], -100)  # only placeholders carry labels
     with torch.no_grad():

@@ -26,7 +26,7 @@ def test_hidden_index_names_the_producing_layer_and_its_input():
 @pytest.mark.parametrize("index", [1, 2, 3, -1, -2, -3])
 def test_keys_come_from_the_layer_whose_attention_rates_the_tokens(index):
     model = tiny_model(vision_layers=3)
-    inputs = tiny_processor()(images=demo_image(300, 220), text="<image>", return_tensors="pt")
+    inputs = tiny_processor()(images=demo_image(height=220, width=300), text="<image>", return_tensors="pt")
     tower = model.model.vision_tower
     pv = inputs["pixel_values"][0]
     with torch.no_grad():

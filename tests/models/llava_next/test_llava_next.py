@@ -19,7 +19,7 @@ def _check_against_reference(model, processor, cases):
     geo = A.Geometry.from_config(model.config)
     newline = model.model.image_newline.detach()
     for (w, h), ratio in cases:
-        inputs = processor(images=demo_image(w, h, seed=w * 7 + h), text="<image>", return_tensors="pt")
+        inputs = processor(images=demo_image(height=h, width=w, seed=w * 7 + h), text="<image>", return_tensors="pt")
         cfg = globalcom2.make_config("globalcom2", retention_ratio=ratio)
         feats, _ = A.compress(model, cfg, inputs["pixel_values"], inputs["image_sizes"])
         views, scores, sizes = encode(model, inputs["pixel_values"], inputs["image_sizes"])
@@ -55,14 +55,14 @@ def test_geometry_is_read_from_config():
     model = tiny_model(image_size=64, patch_size=16, pinpoints=pins)
     processor = tiny_processor(image_size=64, patch_size=16, pinpoints=pins)
     _check_against_reference(model, processor, _random_cases(1, 8))
-    inputs = make_inputs(processor, [demo_image(200, 90)])
+    inputs = make_inputs(processor, [demo_image(height=90, width=200)])
     globalcom2.apply(model, retention_ratio=0.5)
     assert model(**inputs).logits.isfinite().all()
 
 
 def test_cls_scores_equal_eager_attention_of_last_layer(processor):
     model = tiny_model(attn_implementation="eager")
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     pv = inputs["pixel_values"][0]
     with torch.no_grad():
         out = model.model.vision_tower(pv, output_attentions=True, output_hidden_states=True)
@@ -72,7 +72,7 @@ def test_cls_scores_equal_eager_attention_of_last_layer(processor):
 
 
 def test_softmax_score_option_changes_ranking_source(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 200)])
+    inputs = make_inputs(processor, [demo_image(height=200, width=300)])
     a = A.compress(model, globalcom2.make_config(score="logits"), inputs["pixel_values"], inputs["image_sizes"])[1]
     b = A.compress(model, globalcom2.make_config(score="softmax"), inputs["pixel_values"], inputs["image_sizes"])[1]
     # same budget for the thumbnail, the scores (and usually the picks) differ
@@ -84,7 +84,7 @@ def test_softmax_score_option_changes_ranking_source(model, processor):
 
 
 def test_forward_feeds_shortened_sequence(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     ratio = 0.25
     globalcom2.apply(model, retention_ratio=ratio)
     seen, handle = lm_inputs(model)
@@ -101,7 +101,7 @@ def test_forward_feeds_shortened_sequence(model, processor):
 
 def test_stock_layout_at_ratio_one_reproduces_stock_model(model, processor):
     """R = 1 with uniform allocation and the spatial layout hands the LLM exactly stock's tokens."""
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     seen, handle = lm_inputs(model)
     with torch.no_grad():
         stock = model(**inputs).logits
@@ -114,7 +114,7 @@ def test_stock_layout_at_ratio_one_reproduces_stock_model(model, processor):
 
 
 def test_generate_idiom_returns_prompt_then_new_tokens(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     globalcom2.apply(model, retention_ratio=0.25)
     with torch.no_grad():
         first = model(**inputs).logits[:, -1].argmax(-1)
@@ -127,7 +127,7 @@ def test_generate_idiom_returns_prompt_then_new_tokens(model, processor):
 
 
 def test_generate_max_length_counts_the_uncompressed_prompt(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     globalcom2.apply(model, retention_ratio=0.25)
     n_prompt = inputs["input_ids"].shape[1]
     out = model.generate(**inputs, max_length=n_prompt + 3, do_sample=False, eos_token_id=None)
@@ -171,7 +171,7 @@ def test_forward_batch_matches_single_logits(model, processor, images):
 
 
 def test_labels_are_shortened_with_the_sequence(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     labels = inputs["input_ids"].clone()
     labels[labels == model.config.image_token_id] = -100
     globalcom2.apply(model, retention_ratio=0.25)
@@ -211,7 +211,7 @@ def test_eager_and_sdpa_select_the_same_tokens(processor, images):
 
 
 def test_remove_gives_bit_identical_logits(processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     model, twin = tiny_model(seed=3), tiny_model(seed=3)
     with torch.no_grad():
         twin(**inputs)  # warm-up: first calls may pick other kernels
@@ -229,7 +229,7 @@ def test_remove_gives_bit_identical_logits(processor):
 
 
 def test_apply_twice_reconfigures_without_double_patching(model, processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     globalcom2.apply(model, retention_ratio=0.5)
     cls = type(model)
     globalcom2.apply(model, retention_ratio=0.1)
@@ -250,7 +250,7 @@ def test_apply_twice_reconfigures_without_double_patching(model, processor):
 
 
 def test_other_instances_and_library_class_untouched(processor):
-    inputs = make_inputs(processor, [demo_image(300, 220)])
+    inputs = make_inputs(processor, [demo_image(height=220, width=300)])
     stock_forward = LlavaNextForConditionalGeneration.forward
     stock_generate = LlavaNextForConditionalGeneration.generate
     patched, other = tiny_model(seed=5), tiny_model(seed=5)
@@ -287,7 +287,9 @@ def test_forward_signature_stays_visible(model):
 
 def test_pack_moves_labels_with_their_tokens(model, processor):
     inputs = make_inputs(
-        processor, [demo_image(300, 220), demo_image(150, 400)], [PROMPT, "USER: <image>\nhow ? ASSISTANT:"]
+        processor,
+        [demo_image(height=220, width=300), demo_image(height=400, width=150)],
+        [PROMPT, "USER: <image>\nhow ? ASSISTANT:"],
     )
     labels = inputs["input_ids"].clone()
     img = model.config.image_token_id

@@ -47,7 +47,7 @@ def image_kwargs(inputs):
 def test_stock_counts_equal_the_processor_and_the_model(model, processor):
     geo = O.Geometry.from_config(model.config)
     for w, h in SIZES:
-        inputs = inputs_for(processor, [demo_image(w, h)])
+        inputs = inputs_for(processor, [demo_image(height=h, width=w)])
         placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
         stock = O.stock_features(model, inputs["pixel_values"], image_kwargs(inputs))
         assert geo.stock_tokens((h, w)) == placeholders == stock[0].shape[0], (w, h)
@@ -89,7 +89,7 @@ def test_slots_keep_raster_order_inside_each_crop():
 def test_downscale_selects_on_the_emitted_grid_with_pooled_scores(model, processor):
     """A 6x6-grid image: the crop map is bilinearly downscaled; scores are pooled the same way and every
     emitted token is one candidate, in the crop holding its centre."""
-    inputs = inputs_for(processor, [demo_image(500, 500)])
+    inputs = inputs_for(processor, [demo_image(height=500, width=500)])
     geo = O.Geometry.from_config(model.config)
     lay = geo.layout((500, 500))
     assert lay.downscaled and lay.emitted == (21, 21) and lay.grid == (6, 6)
@@ -124,7 +124,7 @@ def test_counts_follow_the_documented_formula(model, processor, ratio):
     n_tok = geo.side**2
     cfg = globalcom2.make_config("globalcom2", retention_ratio=ratio, budget="exact")
     for w, h in SIZES:
-        inputs = inputs_for(processor, [demo_image(w, h)])
+        inputs = inputs_for(processor, [demo_image(height=h, width=w)])
         feats, _ = O.compress(model, cfg, inputs["pixel_values"], **image_kwargs(inputs))
         eh, ew = geo.layout((h, w)).emitted
         formula = int(core.count_kept(n_tok, ratio)) + core.exact_total(torch.tensor(eh * ew), ratio) + eh
@@ -145,7 +145,7 @@ def test_geometry_is_read_from_config():
     geo = O.Geometry.from_config(model.config)
     assert (geo.side, geo.max_views) == (4, 2)
     for w, h in [(200, 200), (90, 200), (300, 120)]:
-        inputs = inputs_for(processor, [demo_image(w, h)])
+        inputs = inputs_for(processor, [demo_image(height=h, width=w)])
         assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == geo.stock_tokens((h, w))
         _assert_neutral_equals_stock(model, inputs)
 
@@ -177,7 +177,7 @@ def _assert_neutral_equals_stock(model, inputs, method="globalcom2", **options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ratio_one_with_neutral_options_is_stock(processor, attn, dtype):
     model = tiny_onevision_model(attn_implementation=attn, dtype=dtype)
-    imgs = [demo_image(w, h, seed=i) for i, (w, h) in enumerate([(500, 500), (300, 220), (60, 500)])]
+    imgs = [demo_image(height=h, width=w, seed=i) for i, (w, h) in enumerate([(500, 500), (300, 220), (60, 500)])]
     inputs = inputs_for(processor, imgs)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     _assert_neutral_equals_stock(model, inputs)
@@ -193,7 +193,7 @@ def test_ratio_one_with_neutral_options_is_stock(processor, attn, dtype):
     ],
 )
 def test_other_methods_at_ratio_one_are_stock(model, processor, method, options):
-    inputs = inputs_for(processor, [demo_image(517, 434), demo_image(150, 400, seed=2)])
+    inputs = inputs_for(processor, [demo_image(height=434, width=517), demo_image(height=400, width=150, seed=2)])
     if method == "crops_only":  # no thumbnail: stock's crop tokens and newlines alone
         cfg = globalcom2.make_config(method, **options)
         feats, _ = O.compress(model, cfg, inputs["pixel_values"], **image_kwargs(inputs))
@@ -207,7 +207,7 @@ def test_other_methods_at_ratio_one_are_stock(model, processor, method, options)
 
 def test_call_time_feature_layer_is_honoured(model, processor):
     """vision_feature_layer=-2 at call time: the features of that layer, as stock takes them."""
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     seen, handle = lm_inputs(model)
     with torch.no_grad():
         model(**inputs, vision_feature_layer=-2)
@@ -222,7 +222,10 @@ def test_call_time_feature_layer_is_honoured(model, processor):
 
 def test_multi_image_prompts_use_single_views(model, processor):
     """A sample with several images: each is its base view + one newline (stock), R of the view kept."""
-    imgs = [[demo_image(300, 220, seed=1), demo_image(150, 400, seed=2)], [demo_image(500, 120, seed=3)]]
+    imgs = [
+        [demo_image(height=220, width=300, seed=1), demo_image(height=400, width=150, seed=2)],
+        [demo_image(height=120, width=500, seed=3)],
+    ]
     prompts = ["<image><image>\nwhat is this ?", PROMPT]
     inputs = inputs_for(processor, imgs, prompts)
     assert inputs["batch_num_images"].tolist() == [2, 1]
@@ -240,7 +243,11 @@ def test_multi_image_prompts_use_single_views(model, processor):
 
 
 def test_batch_of_mixed_sizes_matches_each_sample_alone(model, processor):
-    imgs = [demo_image(500, 500, seed=1), demo_image(150, 400, seed=2), demo_image(1000, 40, seed=3)]
+    imgs = [
+        demo_image(height=500, width=500, seed=1),
+        demo_image(height=400, width=150, seed=2),
+        demo_image(height=40, width=1000, seed=3),
+    ]
     prompts = [PROMPT, "<image>\nhow many ?", "<image>\ndescribe the picture please"]
     globalcom2.apply(model, retention_ratio=0.25)
     batch = inputs_for(processor, imgs, prompts)
@@ -258,7 +265,7 @@ def test_batch_of_mixed_sizes_matches_each_sample_alone(model, processor):
 
 
 def test_generate_idiom_returns_prompt_then_new_tokens(model, processor):
-    inputs = inputs_for(processor, [demo_image(500, 500)])
+    inputs = inputs_for(processor, [demo_image(height=500, width=500)])
     with torch.no_grad():
         stock = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
     globalcom2.apply(model, **NEUTRAL)
@@ -274,7 +281,7 @@ def test_generate_idiom_returns_prompt_then_new_tokens(model, processor):
 
 
 def test_remove_restores_the_stock_model_bit_for_bit(model, processor):
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     with torch.no_grad():
         before = model(**inputs).logits
         globalcom2.apply(model, retention_ratio=0.25)
@@ -290,7 +297,7 @@ def test_remove_restores_the_stock_model_bit_for_bit(model, processor):
 
 def test_default_scorer_is_global_dissimilarity_of_the_last_layer(processor):
     model = tiny_onevision_model(attn_implementation="eager")
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     pv = inputs["pixel_values"][0]
     with torch.no_grad():
         out = model.model.vision_tower(pv, output_attentions=True, output_hidden_states=True)
@@ -312,7 +319,9 @@ def test_default_scorer_is_global_dissimilarity_of_the_last_layer(processor):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_works_or_refuses_at_apply(model, processor, name):
-    inputs = inputs_for(processor, [demo_image(300, 220, seed=1), demo_image(60, 500, seed=2)])
+    inputs = inputs_for(
+        processor, [demo_image(height=220, width=300, seed=1), demo_image(height=500, width=60, seed=2)]
+    )
     cls = REGISTRY[name]
     opts = {"retention_ratio": 0.5} if cls.where == "vision" else {}
     if name == "sparsevlm":
@@ -339,7 +348,7 @@ def test_every_method_works_or_refuses_at_apply(model, processor, name):
 
 def test_in_llm_methods_run_on_the_qwen2_language_model(model, processor):
     """fastv prunes inside Qwen2: at R = 1 it keeps everything, so the logits are stock's; below, fewer."""
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     with torch.no_grad():
         stock = model(**inputs).logits
         globalcom2.apply(model, "fastv", retention_ratio=1.0)
@@ -361,7 +370,7 @@ def test_unsupported_model_names_the_supported_classes():
 
 
 def test_video_inputs_are_refused(model, processor):
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     globalcom2.apply(model, retention_ratio=0.5)
     video = torch.zeros(1, 2, 3, 90, 90)
     with pytest.raises(ValueError, match="pixel_values_videos: video inputs are not supported"):
@@ -373,7 +382,7 @@ def test_video_inputs_are_refused(model, processor):
 
 
 def test_strategy_and_options_are_validated_before_anything_changes(model, processor):
-    inputs = inputs_for(processor, [demo_image(300, 220)])
+    inputs = inputs_for(processor, [demo_image(height=220, width=300)])
     bad = tiny_onevision_model()
     bad.config.vision_feature_select_strategy = "default"
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'full'"):

@@ -61,7 +61,10 @@ def test_lmms_eval_plugin_loads_a_onevision_checkpoint(tmp_path, monkeypatch):
     assert type(lm.model).__name__ == "GlobalCom2LlavaOnevisionForConditionalGeneration"
     assert globalcom2.get_config(lm.model).layout == "spatial"  # the OneVision layout of GlobalCom²
     gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False}
-    items = [(demo_image(300, 220, seed=1), "what is this ?", dict(gen)), (demo_image(60, 500), "how ?", dict(gen))]
+    items = [
+        (demo_image(height=220, width=300, seed=1), "what is this ?", dict(gen)),
+        (demo_image(height=500, width=60), "how ?", dict(gen)),
+    ]
     out = lm.generate_until(_requests(lm, "generate_until", items))
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     with torch.no_grad():

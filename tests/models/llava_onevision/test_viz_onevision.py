@@ -12,7 +12,7 @@ from globalcom2.tools import viz
 def test_panels_show_the_emitted_tokens_and_their_patches(tmp_path):
     model, processor = tiny_onevision_model(), tiny_onevision_processor()
     for size in [(300, 220), (150, 400), (500, 500)]:  # downscaled, plain, downscaled 6x6
-        image = demo_image(*size)
+        image = demo_image(height=size[1], width=size[0])
         (panel,) = viz.panels(model, processor, image, methods=("globalcom2",), ratios=(0.25,))
         rec = panel.record
         globalcom2.apply(model, retention_ratio=0.25)

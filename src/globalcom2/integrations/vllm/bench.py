@@ -31,7 +31,7 @@ from .options import ARCHITECTURE
 
 PROMPT = "USER: <image>\nwhat is this ? ASSISTANT:"
 #: (width, height) of the request images, cycled: four AnyRes grids and paddings
-IMAGE_SIZES = ((640, 480), (480, 640), (1000, 330), (672, 672))
+IMAGE_SIZES = ((480, 640), (640, 480), (330, 1000), (672, 672))  # (height, width)
 
 
 def model_shape(vision_layers: int, text_layers: int) -> dict[str, Any]:
@@ -87,9 +87,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     shape = model_shape(args.vision_layers, args.text_layers)
     cfg = tiny_config(**shape)
-    images = [demo_image(*IMAGE_SIZES[i % len(IMAGE_SIZES)], seed=i) for i in range(args.requests)]
+    sizes = [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(args.requests)]  # (height, width)
+    images = [demo_image(height=h, width=w, seed=i) for i, (h, w) in enumerate(sizes)]
     geo = Geometry.from_config(cfg)
-    max_model_len = max(geo.stock_tokens((h, w)) for w, h in IMAGE_SIZES) + 64 + args.max_tokens
+    max_model_len = max(geo.stock_tokens(hw) for hw in IMAGE_SIZES) + 64 + args.max_tokens
     lm = LMShape.from_config(cfg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"LLaVA-NeXT-7B widths, random weights, {args.vision_layers} vision + {args.text_layers} LM layers, fp32"
         ),
         "requests": args.requests,
-        "image_sizes_wh": [list(IMAGE_SIZES[i % len(IMAGE_SIZES)]) for i in range(args.requests)],
+        "image_sizes_hw": [list(IMAGE_SIZES[i % len(IMAGE_SIZES)]) for i in range(args.requests)],
         "max_tokens": args.max_tokens,
         "vllm": vllm.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -110,7 +110,7 @@ class Family:
     OpenAI messages into the family's prompt format; image_token is the placeholder the processor expands
     (its id, ``config.image_token_id``, is what the visual tokens are counted by); architecture is the
     plugin's architecture name for ``--hf-overrides``; stock_tokens(config, (h, w)) is stock's visual-token
-    count (it sizes ``--max-model-len``); sizes / smoke_sizes are the (width, height) request images, cycled.
+    count (it sizes ``--max-model-len``); sizes / smoke_sizes are the (height, width) request images, cycled.
     """
 
     build: Callable[[str, bool, int, int], Any]
@@ -148,8 +148,8 @@ FAMILIES: dict[str, Family] = {
         image_token="<image>",
         architecture=ARCHITECTURE,
         stock_tokens=_llava_next_stock_tokens,
-        sizes=((640, 480), (480, 640), (1000, 330), (672, 672)),  # four AnyRes grids and paddings
-        smoke_sizes=((300, 220), (150, 400), (500, 120), (224, 224)),  # the same for the 112-px tiny model
+        sizes=((480, 640), (640, 480), (330, 1000), (672, 672)),  # four AnyRes grids and paddings
+        smoke_sizes=((220, 300), (400, 150), (120, 500), (224, 224)),  # the same for the 112-px tiny model
     ),
     # llava_onevision, internvl, qwen2_5_vl, qwen3_vl: one Family each once the plugin serves them
 }
@@ -408,9 +408,8 @@ class _Images:
         if key != self._key:
             rnd, c = key
             seed0 = (rnd * 10_000 + c) * 10_000
-            urls = [
-                data_url(image_bytes(demo_image(*self.sizes[i % len(self.sizes)], seed=seed0 + i))) for i in range(n)
-            ]
+            hw = [self.sizes[i % len(self.sizes)] for i in range(n)]
+            urls = [data_url(image_bytes(demo_image(height=h, width=w, seed=seed0 + i))) for i, (h, w) in enumerate(hw)]
             self._key = key
             self._bodies = [chat_body(SERVED_NAME, [u], TEXT, self.max_tokens) for u in urls]
         return self._bodies
@@ -418,7 +417,9 @@ class _Images:
     def warmup(self) -> list[dict]:
         from ...testing import demo_image
 
-        urls = [data_url(image_bytes(demo_image(w, h, seed=10**9 + i))) for i, (w, h) in enumerate(self.sizes)]
+        urls = [
+            data_url(image_bytes(demo_image(height=h, width=w, seed=10**9 + i))) for i, (h, w) in enumerate(self.sizes)
+        ]
         return [chat_body(SERVED_NAME, [u], TEXT, 2) for u in urls]
 
 
@@ -461,7 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(template, "w") as f:
             f.write(fam.chat_template)
         image_token_id = int(hf_config.image_token_id)
-        max_len = max(fam.stock_tokens(hf_config, (h, w)) for w, h in sizes) + 64 + args.max_tokens
+        max_len = max(fam.stock_tokens(hf_config, (h, w)) for h, w in sizes) + 64 + args.max_tokens
         build_s = time.perf_counter() - t0
         mode, mem = _launch_mode(args, len(configs), ckpt)
         env = {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_cache_gib:g}"}
@@ -543,7 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_cell": {str(c): n_req[c] for c in levels},
         "max_tokens": args.max_tokens,
         "settle_s": args.settle_s,
-        "image_sizes_wh": [list(s) for s in sizes],
+        "image_sizes_hw": [list(s) for s in sizes],
         "launch": mode,
         "memory_estimate": mem,
         "kv_cache_gib": args.kv_cache_gib,
