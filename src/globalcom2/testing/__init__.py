@@ -7,6 +7,16 @@ processors and tokenizers built in memory, and generated test images. Nothing he
 from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
 from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_internvl_processor
 from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
+from .tiny_qwen import (
+    qwen_prompt,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_5_vl_model,
+    tiny_qwen2_5_vl_processor,
+    tiny_qwen3_vl_config,
+    tiny_qwen3_vl_model,
+    tiny_qwen3_vl_processor,
+    tiny_qwen_tokenizer,
+)
 
 
 
@@ -22,9 +32,23 @@ def _demo_internvl():
     return tiny_internvl_model(), tiny_internvl_processor()
 
 
+def _demo_qwen2_5_vl():
+    return tiny_qwen2_5_vl_model(), tiny_qwen2_5_vl_processor()
+
+
+def _demo_qwen3_vl():
+    return tiny_qwen3_vl_model(), tiny_qwen3_vl_processor()
+
+
 #: per family (``FamilyAdapter.family``): () -> (tiny random-weight model, its processor), for demos and tools;
 #: a new family adds its entry here
-DEMO_MODELS = {"llava_next": _demo_llava_next, "llava_onevision": _demo_llava_onevision, "internvl": _demo_internvl}
+DEMO_MODELS = {
+    "llava_next": _demo_llava_next,
+    "llava_onevision": _demo_llava_onevision,
+    "internvl": _demo_internvl,
+    "qwen2_5_vl": _demo_qwen2_5_vl,
+    "qwen3_vl": _demo_qwen3_vl,
+}
 
 __all__ = [
     "DEMO_MODELS",
@@ -40,4 +64,12 @@ __all__ = [
     "tiny_onevision_config",
     "tiny_onevision_model",
     "tiny_onevision_processor",
+    "qwen_prompt",
+    "tiny_qwen2_5_vl_config",
+    "tiny_qwen2_5_vl_model",
+    "tiny_qwen2_5_vl_processor",
+    "tiny_qwen3_vl_config",
+    "tiny_qwen3_vl_model",
+    "tiny_qwen3_vl_processor",
+    "tiny_qwen_tokenizer",
 ]
