@@ -76,16 +76,24 @@ def _config(model, method, options: dict[str, Any]) -> MethodConfig:
     return config_from(method, options)
 
 
-def stock_image_tokens(config_or_model: Any, image_size: Any) -> int:
-    """Visual tokens the stock (unpatched) model feeds its LLM for one image of ``image_size`` = (height, width)."""
+def stock_image_tokens(config_or_model: Any, image_size: Any, processor: Any = None) -> int:
+    """Visual tokens the stock (unpatched) model feeds its LLM for one image of ``image_size`` = (height, width).
+
+    processor: as for ``num_image_tokens``.
+    """
     model_cfg, model = _split(config_or_model)
     adapter = adapter_for(config_or_model)
     adapter.check_model(model) if model is not None else adapter.check_config(model_cfg)
-    return adapter.stock_token_count(model_cfg, image_size_pair(image_size))
+    return adapter.stock_token_count(model_cfg, image_size_pair(image_size), processor)
 
 
 def num_image_tokens(
-    config_or_model: Any, image_size: Any, method: str | MethodConfig | None = None, **options: Any
+    config_or_model: Any,
+    image_size: Any,
+    method: str | MethodConfig | None = None,
+    *,
+    processor: Any = None,
+    **options: Any,
 ) -> int:
     """Visual tokens the language model receives for one image of ``image_size`` = (height, width).
 
@@ -96,6 +104,9 @@ def num_image_tokens(
     and ``options`` when some are, and ``"globalcom2"`` on an unpatched model or a config. Raises ValueError
     where the count depends on the image's content (pass ``budget="exact"``) and for methods that prune
     inside the language model.
+    ``processor``: the model's processor, its image processor, or a mapping of their settings; required where
+    the image size the model sees is the processor's own resize (Qwen2.5-VL / Qwen3-VL: ``smart_resize``
+    between its ``min_pixels`` and ``max_pixels``, which the model config does not hold), ignored elsewhere.
     """
     model_cfg, model = _split(config_or_model)
     cfg = _config(model, method, options)
@@ -114,7 +125,7 @@ def num_image_tokens(
         )
     if model is not None:
         cfg.check_model(model)
-    count = adapter.token_count(cfg, model_cfg, size)
+    count = adapter.token_count(cfg, model_cfg, size, processor)
     if count is None:
         raise ValueError(cfg.content_dependence())
     return int(count)
