@@ -499,9 +499,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         """See ``stock_features``."""
         return stock_features(model, pixel_values, vision_kwargs)
 
-    def geometry_context(
-        self, cfg: MethodConfig, config, image_size: tuple[int, int], processor=None
-    ) -> ImageContext:
+    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int], processor=None) -> ImageContext:
         """Zero-score context of one single-image-prompt image (emitted crop map slots)."""
         return geometry_context(cfg, config, image_size)
 

@@ -19,9 +19,10 @@ from .tiny_qwen import (
 )
 
 
-
 def _demo_llava_next():
-    return tiny_model(**DEMO_SHAPE), tiny_processor(image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"])
+    return tiny_model(**DEMO_SHAPE), tiny_processor(
+        image_size=DEMO_SHAPE["image_size"], patch_size=DEMO_SHAPE["patch_size"]
+    )
 
 
 def _demo_llava_onevision():

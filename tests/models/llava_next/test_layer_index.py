@@ -18,7 +18,7 @@ def test_hidden_index_names_the_producing_layer_and_its_input():
     assert HiddenIndex.of(2, 4).layer == 1 and HiddenIndex.of(2, 4).layer_input == 1
     assert HiddenIndex.of(-2, 4).layer == HiddenIndex.of(3, 4).layer == 2
     with pytest.raises(ValueError, match="vision_feature_layer 0 selects the embeddings"):
-        HiddenIndex.of(0, 4).layer
+        _ = HiddenIndex.of(0, 4).layer
     with pytest.raises(ValueError, match=r"vision_feature_layer must be an int in \[-5, 4\]"):
         HiddenIndex.of(5, 4)
 
