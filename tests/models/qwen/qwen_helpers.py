@@ -1,0 +1,74 @@
+"""Helpers of the Qwen-VL tests: tiny Qwen2.5-VL / Qwen3-VL models and processors, batches, LM recorders
+(imported by name: a second conftest.py would shadow tests/conftest.py for `from conftest import`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from globalcom2.models import qwen_common as qc
+from globalcom2.testing import (
+    demo_image,
+    qwen_prompt,
+    tiny_qwen2_5_vl_model,
+    tiny_qwen2_5_vl_processor,
+    tiny_qwen3_vl_model,
+    tiny_qwen3_vl_processor,
+)
+
+QWEN = {
+    "qwen2_5_vl": (tiny_qwen2_5_vl_model, tiny_qwen2_5_vl_processor),
+    "qwen3_vl": (tiny_qwen3_vl_model, tiny_qwen3_vl_processor),
+}
+IMAGES = [demo_image(140, 100, seed=1), demo_image(60, 150, seed=2), demo_image(100, 100, seed=3)]
+PROMPTS = [qwen_prompt(), qwen_prompt("what color is the sky ?", n_images=2)]
+GROUPS = [[IMAGES[0]], [IMAGES[1], IMAGES[2]]]  # row 0: one image; row 1: two images of other sizes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread (the machine's cores are shared; restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=list(QWEN))
+def qwen(request):
+    """(family name, fresh fp32 SDPA tiny model, processor) for each Qwen family."""
+    make_model, make_proc = QWEN[request.param]
+    return request.param, make_model(), make_proc()
+
+
+def qwen_batch(processor, groups=GROUPS, prompts=PROMPTS):
+    """The processor's output for ``groups`` of images, one prompt per group, padded."""
+    return processor(images=[im for g in groups for im in g], text=prompts, return_tensors="pt", padding=True)
+
+
+class _Restore:
+    def __init__(self, module):
+        self.module = module
+
+    def remove(self):
+        del self.module.forward
+
+
+def record_lm(model):
+    """Every language-model call's inputs as its ``forward`` receives them (after every pre-hook)."""
+    seen = []
+    lm = qc.base_model(model).language_model
+    stock = lm.forward
+
+    def forward(*args, **kw):
+        keys = ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+        seen.append({k: kw.get(k) for k in keys})
+        return stock(*args, **kw)
+
+    lm.forward = forward
+    return seen, _Restore(lm)
+
+
+def valid_rows(x, mask):
+    """Per row, the entries of x: (B, L, ...) at the attended slots of mask: (B, L)."""
+    return [x[b][mask[b].bool()] for b in range(x.shape[0])]
