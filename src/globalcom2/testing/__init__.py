@@ -8,6 +8,10 @@ from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processo
 from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_internvl_processor
 from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
 from .tiny_qwen import (
+    QWEN2_5_VL_7B_PROCESSOR,
+    QWEN3_VL_8B_PROCESSOR,
+    qwen2_5_vl_7b_config,
+    qwen3_vl_8b_config,
     qwen_prompt,
     tiny_qwen2_5_vl_config,
     tiny_qwen2_5_vl_model,
@@ -65,6 +69,10 @@ __all__ = [
     "tiny_onevision_config",
     "tiny_onevision_model",
     "tiny_onevision_processor",
+    "QWEN2_5_VL_7B_PROCESSOR",
+    "QWEN3_VL_8B_PROCESSOR",
+    "qwen2_5_vl_7b_config",
+    "qwen3_vl_8b_config",
     "qwen_prompt",
     "tiny_qwen2_5_vl_config",
     "tiny_qwen2_5_vl_model",

@@ -19,8 +19,12 @@ import torch
 from .tiny import SPECIALS, WORDS, demo_image
 
 __all__ = [
+    "QWEN2_5_VL_7B_PROCESSOR",
+    "QWEN3_VL_8B_PROCESSOR",
     "QWEN_TOKENS",
     "demo_image",
+    "qwen2_5_vl_7b_config",
+    "qwen3_vl_8b_config",
     "qwen_prompt",
     "tiny_qwen2_5_vl_config",
     "tiny_qwen2_5_vl_model",
@@ -345,3 +349,97 @@ def tiny_qwen3_vl_processor(
     return _processor(
         Qwen3VLProcessor, patch_size, spatial_merge_size, temporal_patch_size, min_pixels, max_pixels, padding_side
     )
+
+
+# ------------------------------------------------------------------------------------ real checkpoint shapes
+
+#: Qwen/Qwen2.5-VL-7B-Instruct's image processor settings (its preprocessor_config.json)
+QWEN2_5_VL_7B_PROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+}
+#: Qwen/Qwen3-VL-8B-Instruct's image processor settings (its preprocessor_config.json: size shortest/longest edge)
+QWEN3_VL_8B_PROCESSOR = {
+    "min_pixels": 65536,
+    "max_pixels": 16777216,
+    "patch_size": 16,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def qwen2_5_vl_7b_config(vision_depth: int = 32, text_layers: int = 28):
+    """A ``Qwen2_5_VLConfig`` with Qwen/Qwen2.5-VL-7B-Instruct's shapes (its config.json), optionally fewer layers
+    (random-weight benchmarks); nothing is downloaded. ``fullatt_block_indexes`` keeps the real every-8th rule
+    and always makes the last block full-attention, as in the real model."""
+    from transformers import Qwen2_5_VLConfig
+
+    full = sorted({i for i in (7, 15, 23, 31) if i < vision_depth} | {vision_depth - 1})
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": full,
+        "out_hidden_size": 3584,
+        "tokens_per_second": 2,
+    }
+    text = {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "rms_norm_eps": 1e-6,
+    }
+    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653}  # fmt: skip
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+
+
+def qwen3_vl_8b_config(vision_depth: int = 27, text_layers: int = 36):
+    """A ``Qwen3VLConfig`` with Qwen/Qwen3-VL-8B-Instruct's shapes (its config.json), optionally fewer layers."""
+    from transformers import Qwen3VLConfig
+
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [i for i in (8, 16, 24) if i < vision_depth],
+        "out_hidden_size": 4096,
+    }
+    text = {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 262144,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },  # fmt: skip
+        "rms_norm_eps": 1e-6,
+    }
+    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653}  # fmt: skip
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)

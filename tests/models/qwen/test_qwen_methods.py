@@ -88,7 +88,7 @@ def test_attention_received_is_the_towers_attention_relative_to_uniform():
     globalcom2.apply(model, "fastervlm", retention_ratio=0.5)
     batch = _records(model, inputs)
     raw = qc.vision_attention_received(model, inputs["pixel_values"], inputs["image_grid_thw"]).tokens
-    unit = model.config.vision_config.spatial_merge_size ** 2
+    unit = model.config.vision_config.spatial_merge_size**2
     for rec, r, g in zip(batch.records, raw, inputs["image_grid_thw"]):
         slots, valid = rec.layout.slots()
         want = r * (int(g.prod()) / unit)  # sum of raw probabilities / m^2 x patches of the image

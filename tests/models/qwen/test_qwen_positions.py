@@ -55,7 +55,8 @@ def _kept_columns(model, inputs, method, options):
 
 
 @pytest.mark.parametrize(
-    "method,options", [("globalcom2", NEUTRAL), ("fastervlm", {"retention_ratio": 1.0}), ("divprune", {"retention_ratio": 1.0})]
+    "method,options",
+    [("globalcom2", NEUTRAL), ("fastervlm", {"retention_ratio": 1.0}), ("divprune", {"retention_ratio": 1.0})],
 )
 def test_r1_is_stock_bit_for_bit(qwen, method, options):
     _, model, proc = qwen
