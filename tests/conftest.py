@@ -130,3 +130,20 @@ def family(request):
     build, prompt = _family_cases()[request.param]
     model, processor = build()
     return Family(request.param, model, processor, prompt)
+
+
+@pytest.fixture(params=("qwen2_5_vl", "qwen3_vl"))
+def qwen(request):
+    """(family name, fresh tiny model, processor) for each Qwen-VL family (tests/models/qwen)."""
+    from globalcom2.testing import (
+        tiny_qwen2_5_vl_model,
+        tiny_qwen2_5_vl_processor,
+        tiny_qwen3_vl_model,
+        tiny_qwen3_vl_processor,
+    )
+
+    make = {
+        "qwen2_5_vl": (tiny_qwen2_5_vl_model, tiny_qwen2_5_vl_processor),
+        "qwen3_vl": (tiny_qwen3_vl_model, tiny_qwen3_vl_processor),
+    }[request.param]
+    return request.param, make[0](), make[1]()

@@ -34,11 +34,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=list(QWEN))
-def qwen(request):
-    """(family name, fresh fp32 SDPA tiny model, processor) for each Qwen family."""
-    make_model, make_proc = QWEN[request.param]
-    return request.param, make_model(), make_proc()
+def make_qwen(family: str):
+    """(family name, fresh fp32 SDPA tiny model, processor); the ``qwen`` fixture (tests/conftest.py) runs both."""
+    make_model, make_proc = QWEN[family]
+    return family, make_model(), make_proc()
 
 
 def qwen_batch(processor, groups=GROUPS, prompts=PROMPTS):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_helpers import QWEN, _one_thread, qwen, qwen_batch  # noqa: F401
+from qwen_helpers import QWEN, _one_thread, qwen_batch  # noqa: F401
 
 import globalcom2
 from globalcom2.methods import GlobalCom2Config

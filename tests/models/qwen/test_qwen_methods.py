@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from qwen_helpers import QWEN, _one_thread, qwen, qwen_batch  # noqa: F401
+from qwen_helpers import QWEN, _one_thread, qwen_batch  # noqa: F401
 
 import globalcom2
 from globalcom2.models import adapter_for

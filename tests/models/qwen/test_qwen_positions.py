@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen_helpers import GROUPS, PROMPTS, QWEN, _one_thread, qwen, qwen_batch, record_lm, valid_rows  # noqa: F401
+from qwen_helpers import GROUPS, PROMPTS, QWEN, _one_thread, qwen_batch, record_lm, valid_rows  # noqa: F401
 
 import globalcom2
 from globalcom2.models import qwen_common as qc
