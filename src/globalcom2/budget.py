@@ -21,6 +21,9 @@ views of S x S tokens (N = S²), a crop grid of nph x npw crops and N_j unpadded
   the letterbox padding, a count that depends on the pixels);
 * newlines: layout "authors" puts one after every row of the padded grid (nph S), "spatial" one
   after every unpadded row (H, as stock), "flat" none.
+* Qwen2.5-VL / Qwen3-VL (no thumbnail, no newlines): the image is first resized by the processor's
+  ``smart_resize`` (``processor=`` gives its min/max pixels) to H x W merged tokens, T = H W; GlobalCom²
+  with ``budget="exact"`` keeps round(R T), counted over the regions, the pooled global view never emitted.
 
 The count is computed by the method itself (``VisionMethod.token_count``: its ``size_budget`` assembled
 by the same ``order`` the model runs, or its own rule) on the context the family's adapter builds for the

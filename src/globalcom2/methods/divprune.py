@@ -113,8 +113,8 @@ class DivPruneConfig(VisionMethod):
         already depends on the image size only (``globalcom2.num_image_tokens``).
     space: where the cosine distance is measured: "projected" (the features the LLM receives, DivPrune's
         LLaVA code), "tower" (the tower's own vector of each token before the projector, where the family
-        defines one: Qwen-VL, as the DivPrune Qwen2.5-VL port), or "auto" (default: "tower" where the family
-        gives it, else "projected").
+        defines one: Qwen-VL, as the DivPrune Qwen2.5-VL port), or "auto" (default: the family's choice,
+        ``FamilyAdapter.auto_options``: "tower" on Qwen-VL, "projected" elsewhere).
     """
 
     name = "divprune"
@@ -134,17 +134,17 @@ class DivPruneConfig(VisionMethod):
     @property
     def requires(self) -> Requirements:
         """Stock LLaVA-NeXT's unpadded layout (transformers' rounding), the projected features and (``space``
-        "auto"/"tower") the tower's own vectors where the family has them."""
-        needs = {"features"} | ({"tower"} if self.space != "projected" else set())
+        "tower") the tower's own vectors."""
+        needs = {"features"} | ({"tower"} if self.space == "tower" else set())
         return Requirements(
             unpad=True, layout="spatial", thumbnail_order="spatial",
             needs=frozenset(needs),
         )  # fmt: skip
 
     def distance_source(self, ctx: ImageContext) -> torch.Tensor | None:
-        """(V, N, D) detached vectors whose cosine distances the greedy reads: the tower's (``space`` "tower",
-        or "auto" where the family gives them), else None (the projected features)."""
-        if self.space == "projected" or (self.space == "auto" and ctx.tower_features is None):
+        """(V, N, D) detached vectors whose cosine distances the greedy reads: the tower's (``space="tower"``),
+        else None (the projected features; "auto" unresolved by a family means "projected")."""
+        if self.space != "tower":
             return None
         if ctx.tower_features is None:
             raise ValueError(
