@@ -54,6 +54,12 @@ Departures of the in-LLM form from the released code, each for a reason:
 * Their LLaVA-1.5 branch (``max_num_trunction``: ``TOPK = ceil(M // 8)`` of 576 fixed tokens after a
   35-token system prompt) is not implemented: the LLaVA-NeXT rule above covers every image size.
 * No visual token in a row: the row is passed through.
+
+Qwen2.5-VL: their Qwen2.5-VL code (the same mirror, ``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``,
+``get_retained_image_token``) runs the same algorithm with ``TOPK = int(V (1 - reduction_ratio) / (4 + 4))``
+of the image span (first ``<|image_pad|>`` to ``<|vision_end|>``) and kept tokens at their 3-D M-RoPE
+positions; ``topk_rule="qwen2_5_vl"`` is that count, and ``"auto"`` picks it on Qwen-VL (Qwen3-VL has no
+author code: the same rule). Their departures from it here as above (batches, several images in one pool).
 """
 
 from __future__ import annotations
