@@ -135,15 +135,6 @@ def family(request):
 @pytest.fixture(params=("qwen2_5_vl", "qwen3_vl"))
 def qwen(request):
     """(family name, fresh tiny model, processor) for each Qwen-VL family (tests/models/qwen)."""
-    from globalcom2.testing import (
-        tiny_qwen2_5_vl_model,
-        tiny_qwen2_5_vl_processor,
-        tiny_qwen3_vl_model,
-        tiny_qwen3_vl_processor,
-    )
+    from globalcom2.testing import DEMO_MODELS
 
-    make = {
-        "qwen2_5_vl": (tiny_qwen2_5_vl_model, tiny_qwen2_5_vl_processor),
-        "qwen3_vl": (tiny_qwen3_vl_model, tiny_qwen3_vl_processor),
-    }[request.param]
-    return request.param, make[0](), make[1]()
+    return (request.param, *DEMO_MODELS[request.param]())

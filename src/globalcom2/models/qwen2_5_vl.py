@@ -28,9 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..methods.base import MethodConfig
 from . import qwen_common
-from .base import Compressed
 from .qwen_common import QwenAdapter, RegionLayout, resize_rule, unsupported
 
 FAMILY = "qwen2_5_vl"
@@ -77,16 +75,8 @@ def project_rows(model: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, No
     return merger(rows.reshape(-1, rows.shape[-1] // model.config.vision_config.spatial_merge_size**2)), None
 
 
-def compress(
-    model: nn.Module, cfg: MethodConfig, pixel_values: torch.Tensor, image_sizes=None,
-    input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **vision_kwargs,
-) -> Compressed:  # fmt: skip
-    """Visual tokens for the LLM, per image, plus a record of what was kept (the patched model's own path).
-
-    vision_kwargs: ``image_grid_thw`` from the processor (required); image_sizes: unused (Qwen's inputs give the
-    grid). returns: ``Compressed(features, records)``, features in stock (raster) order.
-    """
-    return ADAPTER.compress_qwen(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
+#: ``compress(model, cfg, pixel_values, image_sizes=None, input_ids=None, attention_mask=None, **vision_kwargs)``
+compress = qwen_common.family_compress(lambda: ADAPTER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,10 +98,7 @@ class Qwen2_5_VLAdapter(QwenAdapter):
     check_config = staticmethod(check_config)
     check_model = staticmethod(check_model)
     compress_images = staticmethod(compress)
-
-    def project_rows(self, model: nn.Module, rows: torch.Tensor):
-        """See ``project_rows``."""
-        return project_rows(model, rows)
+    project_rows = staticmethod(project_rows)
 
 
 ADAPTER = Qwen2_5_VLAdapter()

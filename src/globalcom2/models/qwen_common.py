@@ -640,6 +640,16 @@ def pack_qwen(
     )
 
 
+@contextlib.contextmanager
+def _lm_pre_hook(lm: nn.Module, hook) -> Iterator[None]:
+    """``hook`` as a keyword pre-hook of ``lm`` for the block."""
+    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _expand_deepstack(packed: QwenPacked, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """visual_pos_masks / DeepStack rows for a batch whose rows were repeat_interleave'd k times
     (generate's expansion for beams / num_return_sequences)."""
@@ -684,11 +694,8 @@ def deepstack_injection(model: nn.Module, packed: QwenPacked) -> Iterator[None]:
         state["done"] = True
         return args, kwargs
 
-    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with _lm_pre_hook(lm, hook):
         yield
-    finally:
-        handle.remove()
 
 
 def rope_deltas_for(model: nn.Module, packed: QwenPacked) -> torch.Tensor:
@@ -750,11 +757,8 @@ def mrope_positions(model: nn.Module, packed: QwenPacked) -> Iterator[None]:
         kwargs["position_ids"] = pos3
         return args, kwargs
 
-    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with _lm_pre_hook(lm, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -1164,6 +1168,19 @@ def check_tower(model: nn.Module, classes: tuple[str, ...], tower: str, merger_p
         raise TypeError(f"the vision merger must have {', '.join(merger_parts)}; got {type(merger).__name__}")
 
 
+def family_compress(adapter):
+    """A family file's ``compress(model, cfg, pixel_values, image_sizes=None, input_ids=None, attention_mask=None,
+    **vision_kwargs) -> Compressed`` running ``adapter()``'s ``compress_qwen`` (``image_grid_thw`` in
+    ``vision_kwargs``; ``image_sizes`` unused: Qwen's inputs give the grid)."""
+
+    def compress(model, cfg, pixel_values, image_sizes=None, input_ids=None, attention_mask=None, **vision_kwargs):
+        """Per image, the kept visual tokens in stock raster order and a ``QwenImageRecord`` (its ``tokens``: the
+        stock token each takes the place of, and its DeepStack rows)."""
+        return adapter().compress_qwen(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
+
+    return compress
+
+
 def unsupported(display_name: str) -> dict[str, str]:
     """The registered methods that cannot run on a Qwen-VL family, with the reason: Table I's view subsets."""
     return {name: NO_VIEWS.format(name=display_name) for name in TABLE_I}
@@ -1213,21 +1230,16 @@ class QwenAdapter(FamilyAdapter):
     def check_inputs(self, model: nn.Module, pixel_values, vision_kwargs: dict) -> torch.Tensor:
         """Validate the processor's image outputs; returns ``image_grid_thw`` as (n, 3) long (t = 1 each)."""
         check_pixel_values(pixel_values)
-        grid = vision_kwargs.get("image_grid_thw")
-        if grid is None:
+        raw = vision_kwargs.get("image_grid_thw")
+        if raw is None:
             raise ValueError(
                 "image_grid_thw is required with pixel_values: pass the processor's output unchanged (it returns "
                 "image_grid_thw, the (t, h, w) patch grid of every image)"
             )
-        try:
-            grid = torch.as_tensor(grid.cpu() if isinstance(grid, torch.Tensor) else grid)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"image_grid_thw must be (number of images, 3) ints, got {grid!r}") from err
-        if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or grid.is_floating_point():
-            raise ValueError(
-                f"image_grid_thw must be a (number of images, 3) int array as the processor returns it, got shape "
-                f"{tuple(grid.shape)}"
-            )
+        grid = torch.as_tensor(raw.cpu()) if isinstance(raw, torch.Tensor) else None
+        if grid is None or grid.dim() != 2 or grid.shape[1] != 3 or not grid.numel() or grid.is_floating_point():
+            got = f"shape {tuple(grid.shape)}" if grid is not None else type(raw).__name__
+            raise ValueError(f"image_grid_thw must be the processor's (number of images, 3) int tensor, got {got}")
         grid = grid.long()
         vc = model.config.vision_config
         m = int(vc.spatial_merge_size)

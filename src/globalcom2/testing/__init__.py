@@ -4,23 +4,12 @@ processors and tokenizers built in memory, and generated test images. Nothing he
 >>> from globalcom2.testing import demo_image, tiny_model, tiny_processor
 """
 
+from . import tiny_qwen
 from .tiny import DEMO_SHAPE, demo_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
 from .tiny_internvl import tiny_internvl_config, tiny_internvl_model, tiny_internvl_processor
 from .tiny_onevision import tiny_onevision_config, tiny_onevision_model, tiny_onevision_processor
-from .tiny_qwen import (
-    QWEN2_5_VL_7B_PROCESSOR,
-    QWEN3_VL_8B_PROCESSOR,
-    qwen2_5_vl_7b_config,
-    qwen3_vl_8b_config,
-    qwen_prompt,
-    tiny_qwen2_5_vl_config,
-    tiny_qwen2_5_vl_model,
-    tiny_qwen2_5_vl_processor,
-    tiny_qwen3_vl_config,
-    tiny_qwen3_vl_model,
-    tiny_qwen3_vl_processor,
-    tiny_qwen_tokenizer,
-)
+from .tiny_qwen import *  # noqa: F403  (its __all__: tiny Qwen-VL models, processors, real shapes)
+from .tiny_qwen import tiny_qwen2_5_vl_model, tiny_qwen2_5_vl_processor, tiny_qwen3_vl_model, tiny_qwen3_vl_processor
 
 
 def _demo_llava_next():
@@ -69,16 +58,5 @@ __all__ = [
     "tiny_onevision_config",
     "tiny_onevision_model",
     "tiny_onevision_processor",
-    "QWEN2_5_VL_7B_PROCESSOR",
-    "QWEN3_VL_8B_PROCESSOR",
-    "qwen2_5_vl_7b_config",
-    "qwen3_vl_8b_config",
-    "qwen_prompt",
-    "tiny_qwen2_5_vl_config",
-    "tiny_qwen2_5_vl_model",
-    "tiny_qwen2_5_vl_processor",
-    "tiny_qwen3_vl_config",
-    "tiny_qwen3_vl_model",
-    "tiny_qwen3_vl_processor",
-    "tiny_qwen_tokenizer",
+    *tiny_qwen.__all__,
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import SPECIALS, WORDS, demo_image
+from .tiny import SPECIALS, WORDS, demo_image, word_level_tokenizer
 
 __all__ = [
     "QWEN2_5_VL_7B_PROCESSOR",
@@ -73,24 +73,19 @@ def tiny_qwen_tokenizer(padding_side: str = "left"):
 
     ``<|endoftext|>`` is the pad token, ``<|im_end|>`` the end-of-sequence token (as in Qwen-VL).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     base = tuple(t for t in SPECIALS if t != "<image>")
-    vocab = {tok: i for i, tok in enumerate(base + tuple(WORDS) + tuple("?.,:!"))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        padding_side=padding_side,
-        additional_special_tokens=list(QWEN_TOKENS),
-    )
+    fast = word_level_tokenizer(
+        base + tuple(WORDS) + tuple("?.,:!"), pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        padding_side=padding_side, additional_special_tokens=list(QWEN_TOKENS),
+    )  # fmt: skip
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _tiny_ids(tok, init_std: float) -> dict:
+    """The tiny tokenizer's pad/eos ids (no bos) and the weights' spread, for a text config."""
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": None, "eos_token_id": tok.eos_token_id,
+            "initializer_range": init_std}  # fmt: skip
 
 
 def _token_ids(tok) -> dict:
@@ -101,6 +96,24 @@ def _token_ids(tok) -> dict:
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
     }
+
+
+def _shapes(depth, hidden, intermediate, heads, out, patch, merge, temporal, **vision_extra) -> dict:
+    """A Qwen vision config dict (both families' common keys, then the family's own)."""
+    return {
+        "depth": depth, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": heads,
+        "patch_size": patch, "spatial_merge_size": merge, "temporal_patch_size": temporal, "out_hidden_size": out,
+        **vision_extra,
+    }  # fmt: skip
+
+
+def _text(hidden, intermediate, layers, heads, kv_heads, vocab, max_positions, rope, **text_extra) -> dict:
+    """A Qwen text config dict (both families' common keys, then the family's own)."""
+    return {
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": max_positions, "rope_parameters": {"rope_type": "default", **rope}, **text_extra,
+    }  # fmt: skip
 
 
 def tiny_qwen2_5_vl_config(
@@ -136,33 +149,11 @@ def tiny_qwen2_5_vl_config(
         t = half // 4
         mrope_section = [t, (half - t) // 2, half - t - (half - t) // 2]
     window_size = window_size or 2 * spatial_merge_size * patch_size
-    vision = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden,
-        "intermediate_size": 2 * vision_hidden,
-        "num_heads": vision_heads,
-        "patch_size": patch_size,
-        "spatial_merge_size": spatial_merge_size,
-        "temporal_patch_size": temporal_patch_size,
-        "window_size": window_size,
-        "fullatt_block_indexes": list(fullatt_block_indexes),
-        "out_hidden_size": text_hidden,
-        "initializer_range": text_init_std,
-    }
-    text = {
-        "hidden_size": text_hidden,
-        "intermediate_size": 2 * text_hidden,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": text_heads,
-        "num_key_value_heads": text_kv_heads,
-        "vocab_size": len(tok),
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": None,
-        "eos_token_id": tok.eos_token_id,
-        "initializer_range": text_init_std,
-    }
+    vision = _shapes(vision_depth, vision_hidden, 2 * vision_hidden, vision_heads, text_hidden, patch_size,
+                     spatial_merge_size, temporal_patch_size, window_size=window_size,
+                     fullatt_block_indexes=list(fullatt_block_indexes), initializer_range=text_init_std)  # fmt: skip
+    text = _text(text_hidden, 2 * text_hidden, text_layers, text_heads, text_kv_heads, len(tok), 4096,
+                 {"rope_theta": 10000.0, "mrope_section": mrope_section}, **_tiny_ids(tok, text_init_std))  # fmt: skip
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_token_ids(tok))
 
 
@@ -200,39 +191,13 @@ def tiny_qwen3_vl_config(
         mrope_section = [half - 2 * hw, hw, hw]
     if max(deepstack_visual_indexes, default=-1) >= vision_depth:
         raise ValueError(f"deepstack_visual_indexes {deepstack_visual_indexes} must be < vision_depth {vision_depth}")
-    vision = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden,
-        "intermediate_size": 2 * vision_hidden,
-        "num_heads": vision_heads,
-        "patch_size": patch_size,
-        "spatial_merge_size": spatial_merge_size,
-        "temporal_patch_size": temporal_patch_size,
-        "num_position_embeddings": num_position_embeddings,
-        "deepstack_visual_indexes": list(deepstack_visual_indexes),
-        "out_hidden_size": text_hidden,
-        "initializer_range": text_init_std,
-    }
-    text = {
-        "hidden_size": text_hidden,
-        "intermediate_size": 2 * text_hidden,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": text_heads,
-        "num_key_value_heads": text_kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": len(tok),
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": mrope_section,
-            "mrope_interleaved": True,
-        },
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": None,
-        "eos_token_id": tok.eos_token_id,
-        "initializer_range": text_init_std,
-    }
+    vision = _shapes(vision_depth, vision_hidden, 2 * vision_hidden, vision_heads, text_hidden, patch_size,
+                     spatial_merge_size, temporal_patch_size, num_position_embeddings=num_position_embeddings,
+                     deepstack_visual_indexes=list(deepstack_visual_indexes),
+                     initializer_range=text_init_std)  # fmt: skip
+    rope = {"rope_theta": 10000.0, "mrope_section": mrope_section, "mrope_interleaved": True}
+    text = _text(text_hidden, 2 * text_hidden, text_layers, text_heads, text_kv_heads, len(tok), 4096, rope,
+                 head_dim=head_dim, **_tiny_ids(tok, text_init_std))  # fmt: skip
     return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_token_ids(tok))
 
 
@@ -353,6 +318,9 @@ def tiny_qwen3_vl_processor(
 
 # ------------------------------------------------------------------------------------ real checkpoint shapes
 
+#: the real checkpoints' special token ids (both families)
+REAL_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                  "vision_end_token_id": 151653}  # fmt: skip
 #: Qwen/Qwen2.5-VL-7B-Instruct's image processor settings (its preprocessor_config.json)
 QWEN2_5_VL_7B_PROCESSOR = {
     "min_pixels": 3136,
@@ -378,32 +346,11 @@ def qwen2_5_vl_7b_config(vision_depth: int = 32, text_layers: int = 28):
     from transformers import Qwen2_5_VLConfig
 
     full = sorted({i for i in (7, 15, 23, 31) if i < vision_depth} | {vision_depth - 1})
-    vision = {
-        "depth": vision_depth,
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": full,
-        "out_hidden_size": 3584,
-        "tokens_per_second": 2,
-    }
-    text = {
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "max_position_embeddings": 128000,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        "rms_norm_eps": 1e-6,
-    }
-    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653}  # fmt: skip
+    vision = _shapes(vision_depth, 1280, 3420, 16, 3584, 14, 2, 2, window_size=112, fullatt_block_indexes=full,
+                     tokens_per_second=2)  # fmt: skip
+    rope = {"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    text = _text(3584, 18944, text_layers, 28, 4, 152064, 128000, rope, rms_norm_eps=1e-6)
+    ids = REAL_TOKEN_IDS
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
 
 
@@ -411,35 +358,10 @@ def qwen3_vl_8b_config(vision_depth: int = 27, text_layers: int = 36):
     """A ``Qwen3VLConfig`` with Qwen/Qwen3-VL-8B-Instruct's shapes (its config.json), optionally fewer layers."""
     from transformers import Qwen3VLConfig
 
-    vision = {
-        "depth": vision_depth,
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_heads": 16,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [i for i in (8, 16, 24) if i < vision_depth],
-        "out_hidden_size": 4096,
-    }
-    text = {
-        "hidden_size": 4096,
-        "intermediate_size": 12288,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 151936,
-        "max_position_embeddings": 262144,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 5000000.0,
-            "mrope_section": [24, 20, 20],
-            "mrope_interleaved": True,
-        },  # fmt: skip
-        "rms_norm_eps": 1e-6,
-    }
-    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653}  # fmt: skip
+    deep = [i for i in (8, 16, 24) if i < vision_depth]
+    vision = _shapes(vision_depth, 1152, 4304, 16, 4096, 16, 2, 2, num_position_embeddings=2304,
+                     deepstack_visual_indexes=deep)  # fmt: skip
+    rope = {"rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+    text = _text(4096, 12288, text_layers, 32, 8, 151936, 262144, rope, head_dim=128, rms_norm_eps=1e-6)
+    ids = REAL_TOKEN_IDS
     return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)

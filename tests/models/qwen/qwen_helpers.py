@@ -34,10 +34,23 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make_qwen(family: str):
-    """(family name, fresh fp32 SDPA tiny model, processor); the ``qwen`` fixture (tests/conftest.py) runs both."""
-    make_model, make_proc = QWEN[family]
-    return family, make_model(), make_proc()
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference mode for every test (no autograd graph of the tiny models)."""
+    with torch.no_grad():
+        yield
+
+
+def prepare(model, inputs):
+    """The patched model's ``ImageBatch`` for ``inputs`` (its records and extras), as its forward computes it."""
+    from globalcom2 import get_config
+    from globalcom2.models import adapter_for
+
+    adapter = adapter_for(model)
+    vision = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
+    return adapter.prepare_images(
+        model, get_config(model), inputs["pixel_values"], vision, inputs["input_ids"], inputs.get("attention_mask")
+    )
 
 
 def qwen_batch(processor, groups=GROUPS, prompts=PROMPTS):
@@ -71,3 +84,21 @@ def record_lm(model):
 def valid_rows(x, mask):
     """Per row, the entries of x: (B, L, ...) at the attended slots of mask: (B, L)."""
     return [x[b][mask[b].bool()] for b in range(x.shape[0])]
+
+
+#: rows of mixed image sizes for batch == alone: one image, two images of other sizes, one more size
+BATCH_GROUPS = [*GROUPS, [demo_image(120, 60, seed=4)]]
+BATCH_PROMPTS = [*PROMPTS, qwen_prompt("where ?")]
+
+
+def max_row_diff(rows, alone) -> float:
+    """Largest |difference| between each batch row's valid logits ``rows[b]`` and the same prompt's logits alone."""
+    return max((r.float() - a.float()).abs().max().item() for r, a in zip(rows, alone))
+
+
+def assert_batch_like_alone(diff: float, stock_diff: float, dtype) -> None:
+    """Bit for bit where stock is (eager), otherwise within twice stock's own batch-vs-alone difference."""
+    if stock_diff == 0:
+        assert diff == 0
+    else:
+        assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 1e-2)

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_helpers import QWEN, _one_thread, qwen_batch  # noqa: F401
+from qwen_helpers import QWEN, _no_grad, _one_thread, prepare, qwen_batch  # noqa: F401
 
 import globalcom2
 from globalcom2.methods import GlobalCom2Config
-from globalcom2.models import adapter_for
 from globalcom2.models import qwen_common as qc
 from globalcom2.testing import (
     QWEN2_5_VL_7B_PROCESSOR,
@@ -28,20 +27,6 @@ from globalcom2.testing import (
     qwen3_vl_8b_config,
     qwen_prompt,
 )
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def _batch(model, inputs):
-    adapter = adapter_for(model)
-    vision = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
-    return adapter.prepare_images(model, globalcom2.get_config(model), inputs["pixel_values"], vision,
-                                  inputs["input_ids"], inputs["attention_mask"])  # fmt: skip
-
 
 # ------------------------------------------------------------------------------------ regions and global view
 
@@ -113,11 +98,11 @@ def test_flat_tower_attention_gives_the_uniform_allocation_on_the_model():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 1400, 3)).astype(np.uint8))
     inputs = proc(images=[image], text=[qwen_prompt()], return_tensors="pt")
     globalcom2.apply(model, "globalcom2", retention_ratio=0.3)
-    (rec,) = _batch(model, inputs).records
+    (rec,) = prepare(model, inputs).records
     assert rec.grid[0] * rec.grid[1] > 1
     assert torch.allclose(rec.selection.crop_ratios, torch.full((rec.grid[0] * rec.grid[1],), 0.3, dtype=torch.float64))
     globalcom2.apply(model, "uniform", retention_ratio=0.3)
-    (uni,) = _batch(model, inputs).records
+    (uni,) = prepare(model, inputs).records
     assert torch.equal(rec.tokens.index, uni.tokens.index)
 
 
@@ -134,7 +119,7 @@ def test_no_global_view_token_is_emitted_and_order_is_raster(qwen):
     _, model, proc = qwen
     inputs = qwen_batch(proc)
     globalcom2.apply(model, "globalcom2", retention_ratio=0.3, budget="exact")
-    batch = _batch(model, inputs)
+    batch = prepare(model, inputs)
     for rec, n in zip(batch.records, batch.stock_counts):
         assert not bool(rec.kept[0].any())  # the pooled global view is never emitted
         assert rec.num_tokens == int(np.floor(0.3 * n + 0.5))  # R of the merged tokens
@@ -171,12 +156,12 @@ def test_counts_equal_what_the_model_emits_for_any_pixels(family):
     for name, options in SIZE_ONLY:
         for ratio in (0.1, 0.37):
             globalcom2.apply(model, name, retention_ratio=ratio, **options)
-            batch = _batch(model, inputs)
+            batch = prepare(model, inputs)
             for size, rec, feats in zip(sizes, batch.records, batch.features):
                 count = globalcom2.num_image_tokens(model.config, size, name, processor=proc, retention_ratio=ratio,
                                                     **options)  # fmt: skip
                 assert count == rec.num_tokens == feats.shape[0], (name, options, ratio, size)
-    for size, n in zip(sizes, _batch(model, inputs).stock_counts):
+    for size, n in zip(sizes, prepare(model, inputs).stock_counts):
         assert globalcom2.budget.stock_image_tokens(model.config, size, processor=proc) == n
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from qwen_helpers import QWEN, _one_thread, qwen_batch, record_lm  # noqa: F401
+from qwen_helpers import QWEN, _no_grad, _one_thread, prepare, qwen_batch, record_lm  # noqa: F401
 
 import globalcom2
 from globalcom2.models import llm_pruning
@@ -22,12 +22,6 @@ from globalcom2.models import qwen_common as qc
 
 GEN = {"max_new_tokens": 4, "do_sample": False}
 METHODS = [("fastv", {"k": 1}), ("dart", {"k": 1}), ("sparsevlm", {"layers": (0, 1, 2)})]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def _model(family, **kw):

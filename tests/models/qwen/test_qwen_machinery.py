@@ -23,37 +23,25 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from qwen_helpers import (  # noqa: F401
+    BATCH_GROUPS,
+    BATCH_PROMPTS,
+    GROUPS,
+    IMAGES,
+    PROMPTS,
+    _no_grad,
+    _one_thread,
+    assert_batch_like_alone,
+    max_row_diff,
+    qwen_batch,
+    record_lm,
+    valid_rows,
+)
+from qwen_helpers import QWEN as FAMILIES
 from transformers import GenerationMixin, Qwen2_5_VLForConditionalGeneration
 
 from globalcom2.models import qwen_common as qc
-from globalcom2.testing.tiny_qwen import (
-    demo_image,
-    qwen_prompt,
-    tiny_qwen2_5_vl_model,
-    tiny_qwen2_5_vl_processor,
-    tiny_qwen3_vl_model,
-    tiny_qwen3_vl_processor,
-)
-
-FAMILIES = {
-    "qwen2_5_vl": (tiny_qwen2_5_vl_model, tiny_qwen2_5_vl_processor),
-    "qwen3_vl": (tiny_qwen3_vl_model, tiny_qwen3_vl_processor),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for this module (the budget is one core; restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+from globalcom2.testing.tiny_qwen import qwen_prompt
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +54,7 @@ def processors():
     return {name: make() for name, (_, make) in FAMILIES.items()}
 
 
-IMAGES = [demo_image(140, 100, seed=1), demo_image(60, 150, seed=2), demo_image(100, 100, seed=3)]
-PROMPTS = [qwen_prompt(), qwen_prompt("what color is the sky ?", n_images=2)]
-GROUPS = [[IMAGES[0]], [IMAGES[1], IMAGES[2]]]  # row 0: one image; row 1: two images of other sizes
-
-
-def batch(processor, groups=GROUPS, prompts=PROMPTS):
-    return processor(images=[im for g in groups for im in g], text=prompts, return_tensors="pt", padding=True)
+batch = qwen_batch
 
 
 def keep_all(n: int) -> torch.Tensor:
@@ -162,35 +144,6 @@ def stock_runs(models, processors):
         f: _decode_positions(models[f], lambda f=f: stock_generate(models[f], batch(processors[f]), **GEN))
         for f in FAMILIES
     }
-
-
-class _Restore:
-    def __init__(self, module):
-        self.module = module
-
-    def remove(self):
-        del self.module.forward
-
-
-def record_lm(model):
-    """Every language-model call's inputs_embeds, position_ids, visual_pos_masks, deepstack_visual_embeds, as
-    its ``forward`` receives them (after every pre-hook, ``deepstack_injection``'s included)."""
-    seen = []
-    lm = qc.base_model(model).language_model
-    stock = lm.forward
-
-    def forward(*args, **kw):
-        seen.append(
-            {k: kw.get(k) for k in ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")}
-        )
-        return stock(*args, **kw)
-
-    lm.forward = forward
-    return seen, _Restore(lm)
-
-
-def valid_rows(logits, mask):
-    return [logits[b][mask[b].bool()] for b in range(logits.shape[0])]
 
 
 # ------------------------------------------------------------------------------------ tiny + geometry
@@ -513,25 +466,14 @@ def test_batch_equals_alone(family, attn, dtype, side):
     where stock is (eager), otherwise within stock's own batch-vs-alone difference."""
     make_model, make_proc = FAMILIES[family]
     model, proc = make_model(attn_implementation=attn, dtype=dtype), make_proc(padding_side=side)
-    groups = [*GROUPS, [demo_image(120, 60, seed=4)]]
-    prompts = [*PROMPTS, qwen_prompt("where ?")]
-    inputs = batch(proc, groups, prompts)
-    alone = [batch(proc, [g], [p]) for g, p in zip(groups, prompts)]
+    inputs = batch(proc, BATCH_GROUPS, BATCH_PROMPTS)
+    alone = [batch(proc, [g], [p]) for g, p in zip(BATCH_GROUPS, BATCH_PROMPTS)]
     out, pk = patched_forward(model, inputs, every_other)
     assert _side(pk.attention_mask) == side or bool(pk.attention_mask.all())
     rows = valid_rows(out.logits, pk.attention_mask)
-    diff = max(
-        (rows[b].float() - patched_forward(model, a, every_other)[0].logits[0].float()).abs().max().item()
-        for b, a in enumerate(alone)
-    )
+    diff = max_row_diff(rows, [patched_forward(model, a, every_other)[0].logits[0] for a in alone])
     stock_rows = valid_rows(model(**inputs).logits, inputs["attention_mask"])
-    stock_diff = max(
-        (stock_rows[b].float() - model(**a).logits[0].float()).abs().max().item() for b, a in enumerate(alone)
-    )
-    if stock_diff == 0:
-        assert diff == 0
-    else:
-        assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 1e-2)
+    assert_batch_like_alone(diff, max_row_diff(stock_rows, [model(**a).logits[0] for a in alone]), dtype)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from qwen_helpers import QWEN, _one_thread, qwen_batch  # noqa: F401
+from qwen_helpers import QWEN, _no_grad, _one_thread, prepare, qwen_batch  # noqa: F401
 
 import globalcom2
 from globalcom2.models import adapter_for
@@ -19,21 +19,6 @@ from globalcom2.models import qwen_common as qc
 from globalcom2.testing import demo_image, qwen_prompt
 from oracles.reference_dart_qwen import reference_qwen_keep
 from oracles.reference_divprune_qwen import port_count, port_divprune, port_features
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def _records(model, inputs):
-    adapter = adapter_for(model)
-    vision = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
-    cfg = globalcom2.get_config(model)
-    return adapter.prepare_images(model, cfg, inputs["pixel_values"], vision, inputs["input_ids"],
-                                  inputs["attention_mask"])  # fmt: skip
-
 
 # ------------------------------------------------------------------------------------ what resolves to what
 
@@ -86,7 +71,7 @@ def test_attention_received_is_the_towers_attention_relative_to_uniform():
     model, proc = QWEN["qwen3_vl"][0](), QWEN["qwen3_vl"][1]()
     inputs = qwen_batch(proc)
     globalcom2.apply(model, "fastervlm", retention_ratio=0.5)
-    batch = _records(model, inputs)
+    batch = prepare(model, inputs)
     raw = qc.vision_attention_received(model, inputs["pixel_values"], inputs["image_grid_thw"]).tokens
     unit = model.config.vision_config.spatial_merge_size**2
     for rec, r, g in zip(batch.records, raw, inputs["image_grid_thw"]):
@@ -179,7 +164,7 @@ def test_divprune_matches_the_qwen_port(family, size, ratio):
     ours_k = round(ratio * n)  # DivPrune's own count; the port floors (``port_count``): at most one token less
     picks = port_divprune(feats, ours_k)  # the greedy is prefix-consistent: the port's k picks are its first k
     globalcom2.apply(model, "divprune", retention_ratio=ratio)
-    (tokens,) = _records(model, inputs).extras
+    (tokens,) = prepare(model, inputs).extras
     assert tokens.index.tolist() == sorted(picks.tolist())
     assert 0 <= ours_k - port_count(ratio, n) <= 1
     assert set(picks[: port_count(ratio, n)].tolist()) <= set(tokens.index.tolist())
@@ -201,7 +186,7 @@ def test_visionzip_dominant_and_contextual_counts(qwen):
     _, model, proc = qwen
     inputs = qwen_batch(proc)
     globalcom2.apply(model, "visionzip", retention_ratio=0.5)
-    batch = _records(model, inputs)
+    batch = prepare(model, inputs)
     for rec, n in zip(batch.records, batch.stock_counts):
         k = max(1, round(n * 0.5))
         c = int(round(k * 10 / 64))

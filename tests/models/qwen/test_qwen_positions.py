@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen_helpers import GROUPS, PROMPTS, QWEN, _one_thread, qwen_batch, record_lm, valid_rows  # noqa: F401
+from qwen_helpers import (  # noqa: F401
+    BATCH_GROUPS,
+    BATCH_PROMPTS,
+    GROUPS,
+    PROMPTS,
+    QWEN,
+    _no_grad,
+    _one_thread,
+    assert_batch_like_alone,
+    max_row_diff,
+    prepare,
+    qwen_batch,
+    record_lm,
+    valid_rows,
+)
 
 import globalcom2
 from globalcom2.models import qwen_common as qc
-from globalcom2.testing import demo_image, qwen_prompt
 
 NEUTRAL = dict(retention_ratio=1.0, allocation="uniform")
 #: vision-side methods at R < 1 whose every emitted token is a stock token (VisionZip merges: separate test)
@@ -32,21 +45,10 @@ SELECTING = [
 GEN = {"max_new_tokens": 4, "do_sample": False}
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
 def _kept_columns(model, inputs, method, options):
     """(B, L) bool: the columns of the processor's prompt a vision-side method keeps (every text token, and the
     kept image placeholders), from the patched model's own records."""
-    adapter = globalcom2.models.adapter_for(model)
-    cfg = globalcom2.get_config(model)
-    vision = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
-    batch = adapter.prepare_images(
-        model, cfg, inputs["pixel_values"], vision, inputs["input_ids"], inputs["attention_mask"]
-    )
+    batch = prepare(model, inputs)
     is_img = inputs["input_ids"] == model.config.image_token_id
     keep = inputs["attention_mask"].bool().clone()
     flags = torch.cat([torch.isin(torch.arange(c), t.index) for c, t in zip(batch.stock_counts, batch.extras)])
@@ -162,14 +164,10 @@ def test_batch_equals_alone(family, attn, dtype, side):
     stock's own batch-vs-alone difference."""
     make_model, make_proc = QWEN[family]
     model, proc = make_model(attn_implementation=attn, dtype=dtype), make_proc(padding_side=side)
-    groups = [*GROUPS, [demo_image(120, 60, seed=4)]]
-    prompts = [*PROMPTS, qwen_prompt("where ?")]
-    inputs = qwen_batch(proc, groups, prompts)
-    alone = [qwen_batch(proc, [g], [p]) for g, p in zip(groups, prompts)]
+    inputs = qwen_batch(proc, BATCH_GROUPS, BATCH_PROMPTS)
+    alone = [qwen_batch(proc, [g], [p]) for g, p in zip(BATCH_GROUPS, BATCH_PROMPTS)]
     stock_rows = valid_rows(model(**inputs).logits, inputs["attention_mask"])
-    stock_diff = max(
-        (stock_rows[b].float() - model(**a).logits[0].float()).abs().max().item() for b, a in enumerate(alone)
-    )
+    stock_diff = max_row_diff(stock_rows, [model(**a).logits[0] for a in alone])
     globalcom2.apply(model, "globalcom2", retention_ratio=0.4, budget="exact")
     seen, handle = record_lm(model)
     try:
@@ -177,11 +175,7 @@ def test_batch_equals_alone(family, attn, dtype, side):
     finally:
         handle.remove()
     rows = valid_rows(out, seen[0]["attention_mask"])
-    diff = max((rows[b].float() - model(**a).logits[0].float()).abs().max().item() for b, a in enumerate(alone))
-    if stock_diff == 0:
-        assert diff == 0
-    else:
-        assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 1e-2)
+    assert_batch_like_alone(max_row_diff(rows, [model(**a).logits[0] for a in alone]), stock_diff, dtype)
 
 
 def test_generate_batch_equals_alone(qwen):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from qwen_helpers import QWEN, _one_thread  # noqa: F401
+from qwen_helpers import QWEN, _no_grad, _one_thread, prepare  # noqa: F401
 
 import globalcom2
 from globalcom2.models import adapter_for
@@ -22,10 +22,7 @@ def test_view_pixels_are_the_processors_pixels_cut_by_the_regions():
     inputs = proc(images=[Image.fromarray(pixels)], text=[qwen_prompt()], return_tensors="pt")
     globalcom2.apply(model, "globalcom2", retention_ratio=0.25)
     adapter = adapter_for(model)
-    with torch.no_grad():
-        batch = adapter.prepare_images(model, globalcom2.get_config(model), inputs["pixel_values"],
-                                       {"image_grid_thw": inputs["image_grid_thw"]}, inputs["input_ids"])  # fmt: skip
-    (rec,) = batch.records
+    (rec,) = prepare(model, inputs).records
     thumb, crops = adapter.view_pixels(inputs["pixel_values"], rec)
     ip = proc.image_processor
     mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (ip.image_mean, ip.image_std))
