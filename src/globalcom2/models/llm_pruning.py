@@ -148,6 +148,8 @@ def attention_probs(
     if queries.shape[1] == 0:  # no query rows (e.g. no text to rate with): nothing to compute
         return hidden.new_zeros(b, attn.q_proj.out_features // hd, 0, length, dtype=torch.float32)
     x = layer.input_layernorm(hidden)  # (B, L, D)
+    if sections is None:  # the layer's own M-RoPE sections, where its rotary leaves them split (transformers 5.0)
+        sections = (getattr(getattr(attn, "config", None), "rope_parameters", None) or {}).get("mrope_section")
     cos_sin = merged_cos_sin(cos_sin, sections)
     cos, sin = (t.float().expand(b, -1, -1) for t in cos_sin)
     xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))  # (B, Q, D)

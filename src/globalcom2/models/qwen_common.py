@@ -1,7 +1,11 @@
 """Qwen2.5-VL / Qwen3-VL machinery: merged-grid geometry, stock visual features, and packing a shortened
-prompt whose kept visual tokens keep their ORIGINAL 3-D M-RoPE positions.
+prompt whose kept visual tokens keep their ORIGINAL 3-D M-RoPE positions; then ``QwenAdapter``, what the two
+family adapters (``models/qwen2_5_vl.py``, ``models/qwen3_vl.py``) share: the processor's resize rule, the
+regions and pooled global view the methods see (``RegionLayout``, ``region_context``: GlobalCom²'s extension
+to models without a thumbnail, ``docs/qwen.md``), one hooked tower pass (``tower_pass``), the emission in stock
+order with DeepStack rows, and ``pack`` / ``lm_call_context`` on top of the machinery below.
 
-Pure of any other globalcom2 model family. Works on stock ``Qwen2_5_VLForConditionalGeneration`` and
+Not a family itself, and pure of any other globalcom2 model family. Works on stock ``Qwen2_5_VLForConditionalGeneration`` and
 ``Qwen3VLForConditionalGeneration`` (or their ``.model``), transformers 5.x. Notes with file/line
 references: ``docs/qwen-notes.md``.
 
@@ -61,6 +65,16 @@ from .base import (
 )
 
 __all__ = [
+    "QwenAdapter",
+    "QwenImageRecord",
+    "QwenImageTokens",
+    "QwenPackedInputs",
+    "RegionLayout",
+    "ResizeRule",
+    "TowerPass",
+    "region_context",
+    "resize_rule",
+    "tower_pass",
     "QwenGeometry",
     "QwenPacked",
     "QwenVisualFeatures",
@@ -1327,7 +1341,7 @@ class QwenAdapter(FamilyAdapter):
             ctx = region_context(layout, tp.scores[i], index=i, **inputs)
             sel = cfg.select(ctx)
             context_order = cfg.order(sel, ctx)
-            f, tokens, order = self._emit(model, ctx, layout, sel, context_order, tp, i, g)
+            f, tokens, order = self._emit(model, cfg, ctx, layout, sel, context_order, tp, i, g)
             rec = QwenImageRecord(
                 (int(g[1]) * vc.patch_size, int(g[2]) * vc.patch_size), layout.grid, layout.side, ctx.valid, sel,
                 order, ctx.scores, kept_views(context_order, ctx), 1, layout=layout, patch_size=int(vc.patch_size),
@@ -1337,8 +1351,8 @@ class QwenAdapter(FamilyAdapter):
             records.append(rec)
         return Compressed(feats, records)
 
-    def _emit(self, model, ctx: ImageContext, layout: RegionLayout, sel, context_order: torch.Tensor, tp: TowerPass,
-              i: int, grid_thw: torch.Tensor):  # fmt: skip
+    def _emit(self, model, cfg: MethodConfig, ctx: ImageContext, layout: RegionLayout, sel,
+              context_order: torch.Tensor, tp: TowerPass, i: int, grid_thw: torch.Tensor):  # fmt: skip
         """(features (K, D), QwenImageTokens, order (K,) into concat(stock tokens, projected extras)) of one image:
         the kept tokens in stock (raster) order, each method-made token at the stock token it stands for."""
         stock_feats = tp.features[i]
@@ -1348,10 +1362,9 @@ class QwenAdapter(FamilyAdapter):
         real = context_order < n_ctx
         at = to_stock[context_order[real]]  # (k,) stock token of every kept context token
         if bool((at < 0).any()):
-            raise ValueError(f"method {type(sel).__name__} kept a slot that holds no token (a region's empty slot)")
+            raise ValueError(f"method {cfg.name!r} kept a slot that holds no token (a region's empty slot)")
         extra_rows = context_order[~real] - (n_ctx + 1)  # (M,) rows of sel.extra, in emission order
-        position = at
-        source = torch.nonzero(real).squeeze(1).new_empty(0)
+        position, source = at, at.new_empty(0)  # stock token each emitted row stands at; extra rows' sources
         deep = None if tp.deepstack is None else [lv[i] for lv in tp.deepstack]
         src_feats, src_deep = stock_feats, deep
         if extra_rows.numel():

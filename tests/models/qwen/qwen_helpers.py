@@ -96,9 +96,11 @@ def max_row_diff(rows, alone) -> float:
     return max((r.float() - a.float()).abs().max().item() for r, a in zip(rows, alone))
 
 
-def assert_batch_like_alone(diff: float, stock_diff: float, dtype) -> None:
-    """Bit for bit where stock is (eager), otherwise within twice stock's own batch-vs-alone difference."""
-    if stock_diff == 0:
-        assert diff == 0
+def assert_batch_like_alone(diff: float, stock_diff: float, dtype, attn: str) -> None:
+    """Bit for bit under eager attention (as stock is); under SDPA within twice stock's own batch-vs-alone
+    difference plus the dtype's noise (SDPA runs a padded batch with an explicit mask and a row alone causally,
+    different kernels: stock is bitwise only where its rows happen to need no padding mask)."""
+    if attn == "eager":
+        assert stock_diff == 0 and diff == 0
     else:
-        assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 1e-2)
+        assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 0.15)

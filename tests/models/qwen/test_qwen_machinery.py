@@ -473,7 +473,7 @@ def test_batch_equals_alone(family, attn, dtype, side):
     rows = valid_rows(out.logits, pk.attention_mask)
     diff = max_row_diff(rows, [patched_forward(model, a, every_other)[0].logits[0] for a in alone])
     stock_rows = valid_rows(model(**inputs).logits, inputs["attention_mask"])
-    assert_batch_like_alone(diff, max_row_diff(stock_rows, [model(**a).logits[0] for a in alone]), dtype)
+    assert_batch_like_alone(diff, max_row_diff(stock_rows, [model(**a).logits[0] for a in alone]), dtype, attn)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -175,7 +175,7 @@ def test_batch_equals_alone(family, attn, dtype, side):
     finally:
         handle.remove()
     rows = valid_rows(out, seen[0]["attention_mask"])
-    assert_batch_like_alone(max_row_diff(rows, [model(**a).logits[0] for a in alone]), stock_diff, dtype)
+    assert_batch_like_alone(max_row_diff(rows, [model(**a).logits[0] for a in alone]), stock_diff, dtype, attn)
 
 
 def test_generate_batch_equals_alone(qwen):
