@@ -129,15 +129,13 @@ class ImageBatch(NamedTuple):
     """What an adapter hands a patched call: per image, the LLM's visual tokens and the stock count.
 
     features: per image (T_i, D_llm); stock_counts: the stock placeholder tokens of each image in
-    ``input_ids``; records: per image an ``ImageRecord`` (vision-side methods) or None (in-LLM methods);
-    extras: per image what the family's own ``pack`` needs beside the features (Qwen-VL: the stock token each
-    feature row takes the place of, and its DeepStack rows), or None.
+    ``input_ids``; records: per image an ``ImageRecord`` (vision-side methods) or None (in-LLM methods).
+    A family whose ``pack`` needs more per image returns a subclass carrying it (Qwen-VL's ``QwenImageBatch``).
     """
 
     features: list[torch.Tensor]
     stock_counts: list[int]
     records: list[ImageRecord] | None
-    extras: list[Any] | None = None
 
 
 class Compressed(NamedTuple):
@@ -304,7 +302,8 @@ class FamilyAdapter:
         batch: ImageBatch | None = None,
     ) -> PackedInputs:
         """Splice each image's features into the prompt (``pack``); families with extra positional state
-        (M-RoPE) override it. batch: the call's ``ImageBatch`` (its records and ``extras``), for such families."""
+        (M-RoPE) override it. batch: the call's ``ImageBatch`` (as the family's ``prepare_images`` made it), for
+        such families."""
         return pack(model, input_ids, attention_mask, features, stock_counts, labels=labels, padding_side=padding_side)
 
     def lm_call_context(self, model: nn.Module, packed: PackedInputs) -> contextlib.AbstractContextManager:

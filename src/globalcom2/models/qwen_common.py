@@ -5,9 +5,9 @@ regions and pooled global view the methods see (``RegionLayout``, ``region_conte
 to models without a thumbnail, ``docs/qwen.md``), one hooked tower pass (``tower_pass``), the emission in stock
 order with DeepStack rows, and ``pack`` / ``lm_call_context`` on top of the machinery below.
 
-Not a family itself, and pure of any other globalcom2 model family. Works on stock ``Qwen2_5_VLForConditionalGeneration`` and
-``Qwen3VLForConditionalGeneration`` (or their ``.model``), transformers 5.x. Notes with file/line
-references: ``docs/qwen-notes.md``.
+Not a family itself, and pure of any other globalcom2 model family. Works on stock
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (or their ``.model``),
+transformers 5.x. Notes with file/line references: ``docs/qwen-notes.md``.
 
 Vocabulary used throughout:
 
@@ -66,6 +66,7 @@ from .base import (
 
 __all__ = [
     "QwenAdapter",
+    "QwenImageBatch",
     "QwenImageRecord",
     "QwenImageTokens",
     "QwenPackedInputs",
@@ -1130,6 +1131,20 @@ class QwenImageRecord(ImageRecord):
     tokens: QwenImageTokens | None = None
 
 
+class QwenImageBatch(ImageBatch):
+    """``ImageBatch`` of a Qwen-VL call (unpacks as one) with ``extras``: per image the ``QwenImageTokens`` that
+    ``QwenAdapter.pack`` needs beside the features."""
+
+    extras: list[QwenImageTokens]
+
+    @classmethod
+    def of(cls, features, stock_counts, records, extras: list[QwenImageTokens]) -> QwenImageBatch:
+        """The batch, with ``extras`` attached."""
+        batch = cls(features, stock_counts, records)
+        batch.extras = extras
+        return batch
+
+
 @dataclass
 class QwenPackedInputs(PackedInputs):
     """``PackedInputs`` of a Qwen-VL call: position_ids are the kept tokens' stock (3, B, L') M-RoPE positions;
@@ -1294,7 +1309,8 @@ class QwenAdapter(FamilyAdapter):
         raise NotImplementedError  # pragma: no cover - each family
 
     def prepare_images(self, model, cfg, pixel_values, vision_kwargs, input_ids=None, attention_mask=None):
-        """As ``FamilyAdapter.prepare_images``, with ``extras``: per image the ``QwenImageTokens`` ``pack`` needs."""
+        """As ``FamilyAdapter.prepare_images``, a ``QwenImageBatch``: per image also the ``QwenImageTokens`` ``pack``
+        needs."""
         grid = self.check_inputs(model, pixel_values, vision_kwargs)
         counts = merged_grid_thw(grid, model.config).prod(1).tolist()
         if cfg.where == "llm":
@@ -1303,9 +1319,9 @@ class QwenAdapter(FamilyAdapter):
                 QwenImageTokens(g, torch.arange(c), None if tp.deepstack is None else [lv[i] for lv in tp.deepstack])
                 for i, (g, c) in enumerate(zip(grid, counts))
             ]
-            return ImageBatch(tp.features, counts, None, extras)
+            return QwenImageBatch.of(tp.features, counts, None, extras)
         feats, records = self.compress(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
-        return ImageBatch(feats, counts, records, [r.tokens for r in records])
+        return QwenImageBatch.of(feats, counts, records, [r.tokens for r in records])
 
     def compress_qwen(
         self, model: nn.Module, cfg: MethodConfig, pixel_values, vision_kwargs: dict, input_ids=None,
@@ -1405,8 +1421,8 @@ class QwenAdapter(FamilyAdapter):
     def pack(self, model, input_ids, attention_mask, features, stock_counts, labels=None, padding_side="left",
              batch=None) -> QwenPackedInputs:  # fmt: skip
         """``pack_qwen``: every kept token at its stock M-RoPE position, DeepStack rows alike; needs ``batch``."""
-        if batch is None or batch.extras is None:
-            raise TypeError(f"{self.display_name}'s pack needs the call's ImageBatch (batch=) with its extras")
+        if not isinstance(batch, QwenImageBatch):
+            raise TypeError(f"{self.display_name}'s pack needs the call's QwenImageBatch (batch=, from prepare_images)")
         tokens = batch.extras
         grid = torch.stack([t.grid_thw for t in tokens])
         deep = None
