@@ -87,16 +87,23 @@ def encode(model, pixel_values, image_sizes, return_hidden=False, **requires):
 def _family_cases():
     """(family name, () -> (model, processor), images, prompt) for every supported family (tiny, offline)."""
     from globalcom2.testing import (
+        qwen_prompt,
         tiny_internvl_model,
         tiny_internvl_processor,
         tiny_onevision_model,
         tiny_onevision_processor,
+        tiny_qwen2_5_vl_model,
+        tiny_qwen2_5_vl_processor,
+        tiny_qwen3_vl_model,
+        tiny_qwen3_vl_processor,
     )
 
     return {
         "llava_next": (lambda: (tiny_model(seed=0), tiny_processor()), PROMPT),
         "llava_onevision": (lambda: (tiny_onevision_model(), tiny_onevision_processor()), PROMPT),
         "internvl": (lambda: (tiny_internvl_model(), tiny_internvl_processor()), "<IMG_CONTEXT> what is this ?"),
+        "qwen2_5_vl": (lambda: (tiny_qwen2_5_vl_model(), tiny_qwen2_5_vl_processor()), qwen_prompt()),
+        "qwen3_vl": (lambda: (tiny_qwen3_vl_model(), tiny_qwen3_vl_processor()), qwen_prompt()),
     }
 
 
@@ -127,3 +134,11 @@ def family(request):
     build, prompt = _family_cases()[request.param]
     model, processor = build()
     return Family(request.param, model, processor, prompt)
+
+
+@pytest.fixture(params=("qwen2_5_vl", "qwen3_vl"))
+def qwen(request):
+    """(family name, fresh tiny model, processor) for each Qwen-VL family (tests/models/qwen)."""
+    from globalcom2.testing import DEMO_MODELS
+
+    return (request.param, *DEMO_MODELS[request.param]())

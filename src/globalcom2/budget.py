@@ -21,6 +21,9 @@ views of S x S tokens (N = S²), a crop grid of nph x npw crops and N_j unpadded
   the letterbox padding, a count that depends on the pixels);
 * newlines: layout "authors" puts one after every row of the padded grid (nph S), "spatial" one
   after every unpadded row (H, as stock), "flat" none.
+* Qwen2.5-VL / Qwen3-VL (no thumbnail, no newlines): the image is first resized by the processor's
+  ``smart_resize`` (``processor=`` gives its min/max pixels) to H x W merged tokens, T = H W; GlobalCom²
+  with ``budget="exact"`` keeps round(R T), counted over the regions, the pooled global view never emitted.
 
 The count is computed by the method itself (``VisionMethod.token_count``: its ``size_budget`` assembled
 by the same ``order`` the model runs, or its own rule) on the context the family's adapter builds for the
@@ -76,16 +79,24 @@ def _config(model, method, options: dict[str, Any]) -> MethodConfig:
     return config_from(method, options)
 
 
-def stock_image_tokens(config_or_model: Any, image_size: Any) -> int:
-    """Visual tokens the stock (unpatched) model feeds its LLM for one image of ``image_size`` = (height, width)."""
+def stock_image_tokens(config_or_model: Any, image_size: Any, processor: Any = None) -> int:
+    """Visual tokens the stock (unpatched) model feeds its LLM for one image of ``image_size`` = (height, width).
+
+    processor: as for ``num_image_tokens``.
+    """
     model_cfg, model = _split(config_or_model)
     adapter = adapter_for(config_or_model)
     adapter.check_model(model) if model is not None else adapter.check_config(model_cfg)
-    return adapter.stock_token_count(model_cfg, image_size_pair(image_size))
+    return adapter.stock_token_count(model_cfg, image_size_pair(image_size), processor)
 
 
 def num_image_tokens(
-    config_or_model: Any, image_size: Any, method: str | MethodConfig | None = None, **options: Any
+    config_or_model: Any,
+    image_size: Any,
+    method: str | MethodConfig | None = None,
+    *,
+    processor: Any = None,
+    **options: Any,
 ) -> int:
     """Visual tokens the language model receives for one image of ``image_size`` = (height, width).
 
@@ -96,6 +107,9 @@ def num_image_tokens(
     and ``options`` when some are, and ``"globalcom2"`` on an unpatched model or a config. Raises ValueError
     where the count depends on the image's content (pass ``budget="exact"``) and for methods that prune
     inside the language model.
+    ``processor``: the model's processor, its image processor, or a mapping of their settings; required where
+    the image size the model sees is the processor's own resize (Qwen2.5-VL / Qwen3-VL: ``smart_resize``
+    between its ``min_pixels`` and ``max_pixels``, which the model config does not hold), ignored elsewhere.
     """
     model_cfg, model = _split(config_or_model)
     cfg = _config(model, method, options)
@@ -114,7 +128,7 @@ def num_image_tokens(
         )
     if model is not None:
         cfg.check_model(model)
-    count = adapter.token_count(cfg, model_cfg, size)
+    count = adapter.token_count(cfg, model_cfg, size, processor)
     if count is None:
         raise ValueError(cfg.content_dependence())
     return int(count)

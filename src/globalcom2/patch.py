@@ -92,17 +92,23 @@ def _prepare(model, input_ids, pixel_values, attention_mask, labels, padding_sid
     check_pixel_values(pixel_values)
     batch = adapter.prepare_images(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
     packed = adapter.pack(
-        model, input_ids, attention_mask, batch.features, batch.stock_counts, labels=labels, padding_side=padding_side
-    )
+        model, input_ids, attention_mask, batch.features, batch.stock_counts, labels=labels, padding_side=padding_side,
+        batch=batch,
+    )  # fmt: skip
     return packed, batch.records
 
 
+@contextlib.contextmanager
 def _in_llm(model, packed):
-    """Context of the stock call: pruning hooks for in-LLM methods, nothing otherwise."""
+    """Context of the stock call: the family's (``lm_call_context``: Qwen-VL's M-RoPE positions and DeepStack),
+    then the pruning hooks of in-LLM methods, which therefore see what the family hands the language model."""
     cfg = getattr(model, _STATE)
-    if cfg.where != "llm":
-        return contextlib.nullcontext()
-    return llm_pruning.pruning(model, cfg, packed.image_spans, adapter_for(model).language_model(model))
+    adapter = adapter_for(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(adapter.lm_call_context(model, packed))
+        if cfg.where == "llm":
+            stack.enter_context(llm_pruning.pruning(model, cfg, packed.image_spans, adapter.language_model(model)))
+        yield
 
 
 def _check_call(model, kwargs: dict) -> None:

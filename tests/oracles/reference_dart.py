@@ -31,17 +31,18 @@ def reference_keep(tokens, text, ratio, n_img=4, n_txt=4):
     return sorted(kept)
 
 
-def reference_llm_keep(keys, states, start, length, retain, n_img=4, n_txt=4):
+def reference_llm_keep(keys, states, start, length, retain, n_img=4, n_txt=4, topk=None):
     """DART's in-LLM choice, as ``get_retained_image_token`` runs it on one prompt (LLaVA-NeXT branch).
 
     keys: (L, H * hd) rotary-embedded keys of layer K-1 (their ``any_states`` after the reshape);
     states: (L, D) layer-K input after the final norm (their ``last_layer_state``); the image's tokens
     are positions ``start .. start + length - 1`` and the text after it runs to the end; retain: their
-    ``retain_token_num_for_llava_next``. Returns the retained image positions, sorted (the order they
+    ``retain_token_num_for_llava_next``; topk: their TOPK where a code path counts it otherwise (their
+    Qwen2.5-VL code, ``reference_dart_qwen``). Returns the retained image positions, sorted (the order they
     come in does not matter: the caller concatenates and sorts). Naive on purpose: Python sets and lists.
     """
-    retain = min(retain, length - n_img)
-    topk = int(retain // (n_img + n_txt))
+    if topk is None:
+        topk = int(min(retain, length - n_img) // (n_img + n_txt))
     k_img = keys[start : start + length]
     k_txt = keys[start + length :]
     img_norm = [float(k_img[i].abs().sum()) for i in range(length)]

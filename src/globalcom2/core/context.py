@@ -41,6 +41,14 @@ class ImageContext:
               (``stock_sequence`` then ignores LLaVA-NeXT's layout and newline).
     newlines: False for families whose LLM input has no newline tokens (InternVL): ``order`` then never
               emits the newline index, and counts leave it out.
+    thumbnail_emitted: False where row 0 is a global view the library builds itself and the model has no
+              thumbnail tokens to emit (Qwen-VL: the merged token grid pooled to S x S): its scores still
+              guide the method (GlobalCom²'s crop budgets), but ``order`` never emits its tokens and counts
+              leave them out, so the retention ratio applies to the crops' tokens.
+    cls_token: False where ``hidden``/``keys`` have no [CLS] row (towers without one): (V, N, D) then.
+    tower_features: (1 + n, N, D_vis) the vision tower's own vector of every token before the projector,
+              where the family defines one (Qwen-VL: the mean of a merged token's m x m patches of the last
+              block, what the DivPrune Qwen2.5-VL port measures diversity on) (``"tower"``).
     """
 
     scores: torch.Tensor
@@ -57,6 +65,9 @@ class ImageContext:
     region_weights: torch.Tensor | None = None
     stock_order: torch.Tensor | None = None
     newlines: bool = True
+    thumbnail_emitted: bool = True
+    cls_token: bool = True
+    tower_features: torch.Tensor | None = None
 
     @property
     def thumbnail(self) -> torch.Tensor:
@@ -79,6 +90,9 @@ class Selection:
     extra:       optional (M, D_vis) vision-space tokens (merged or [CLS] tokens) that the adapter
                  projects and appends to the source; ``order`` addresses row m as ``(1 + n) * N + 1 + m``.
     order:       optional (T,) long, the emission order when the method decides it itself (see ``order``).
+    extra_at:    optional (M,) long, for each ``extra`` row the context index (view * N + slot) of the token
+                 whose place it takes (VisionZip's contextual token stands at its target), for families whose
+                 tokens carry their own positions (Qwen-VL's M-RoPE); None: the rows are simply appended.
     """
 
     thumb_keep: torch.Tensor
@@ -86,6 +100,7 @@ class Selection:
     crop_ratios: torch.Tensor
     extra: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    extra_at: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +110,9 @@ class Stage:
     hidden: list[torch.Tensor]  # per row (L_b, D) new hidden states
     positions: list[torch.Tensor]  # per row (L_b,) rotary positions
     visual: list[torch.Tensor]  # per row (L_b,) bool, which entries are (still) visual tokens
+    #: per row (L_b,) long, the index in the stage's input row of each entry, -1 for an entry the method made
+    #: (SparseVLM's recycled clusters); lets the driver carry per-token side inputs (Qwen3-VL's DeepStack)
+    sources: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -102,7 +120,9 @@ class PruneContext:
     """What a method sees at a pruning layer.
 
     hidden: (B, L, D) input of layer ``layer_idx`` on the current sequence;
-    key_mask: (B, L) bool real (non-padding) tokens; positions: (B, L) rotary positions;
+    key_mask: (B, L) bool real (non-padding) tokens; positions: (B, L) each token's 1-D position, the rank of
+        its prompt token among the row's attended tokens (the rotary position itself for 1-D RoPE; for
+        M-RoPE models the driver maps it back to the token's 3-D position);
     visual: (B, L) bool visual tokens;
     probs: callable(query positions (B, Q)) -> (B, H, Q, L) attention of layer ``layer_idx - 1``;
     n_visual_full: (B,) visual tokens of each row before any pruning;

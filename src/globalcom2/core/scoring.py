@@ -13,7 +13,8 @@ and q/k projections of one layer), so any attention kernel works (eager, SDPA, f
   (tokens unlike the view's gist rate high); reported as the GlobalCom² authors' choice for
   LLaVA-OneVision.
 
-``"auto"`` is ``"cls"`` where the tower has a [CLS] token and ``"global_dissimilarity"`` otherwise.
+``"auto"`` is ``"cls"`` where the tower has a [CLS] token and ``"global_dissimilarity"`` otherwise, unless
+the family declares its own default (``FamilyAdapter.default_scorer``; Qwen-VL: ``"attention_received"``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ SCORERS = ("cls", "attention_received", "global_dissimilarity")
 SCORER_CHOICES = ("auto", *SCORERS)
 
 
-def resolve_scorer(scorer: str, has_cls: bool, tower: str = "this vision tower") -> str:
-    """The concrete scorer for ``scorer`` ("auto" resolved); ValueError naming ``scorer`` if it cannot run."""
+def resolve_scorer(scorer: str, has_cls: bool, tower: str = "this vision tower", default: str | None = None) -> str:
+    """The concrete scorer for ``scorer`` ("auto" resolved); ValueError naming ``scorer`` if it cannot run.
+
+    default: what "auto" means on this tower where its family declares it (Qwen-VL: "attention_received");
+    None keeps the rule above ("cls" with a [CLS] token, else "global_dissimilarity").
+    """
     if scorer not in SCORER_CHOICES:
         raise ValueError(f"scorer must be one of ({', '.join(map(repr, SCORER_CHOICES))}), got {scorer!r}")
     if scorer == "auto":
+        if default is not None:
+            return resolve_scorer(default, has_cls, tower)
         return "cls" if has_cls else "global_dissimilarity"
     if scorer == "cls" and not has_cls:
         raise ValueError(

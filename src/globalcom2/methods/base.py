@@ -52,7 +52,7 @@ __all__ = [
 #: transformers' ``unpad_image`` rounds the scaled size to 7 digits before truncating (the authors truncate)
 TRANSFORMERS_UNPAD_DIGITS = 7
 #: what ``Requirements.needs`` may list: optional ``ImageContext`` inputs the adapter fills on request
-NEEDS = frozenset({"features", "hidden", "keys", "text"})
+NEEDS = frozenset({"features", "hidden", "keys", "text", "tower"})
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class Requirements:
         the GlobalCom² authors' code.
     layout: crop layout of the emitted sequence (``core.assemble_order``): "authors", "spatial", "flat".
     thumbnail_order: "score" (kept thumbnail tokens best first) or "spatial" (raster order).
-    needs: optional ``ImageContext`` inputs: "features", "hidden", "keys", "text".
+    needs: optional ``ImageContext`` inputs: "features", "hidden", "keys", "text", "tower" (a family fills the
+        ones it can; "tower" only where it defines ``ImageContext.tower_features``).
     """
 
     score_layer: int | None = -1
@@ -137,7 +138,8 @@ class VisionMethod(MethodConfig):
 
     def order(self, sel: Selection, ctx: ImageContext) -> torch.Tensor:
         """(T,) indices into ``concat(views.flatten(0, 1), newline, projected extra)`` of the tokens the LLM
-        receives. Families without newline tokens (``ctx.newlines`` False) never get the newline index."""
+        receives. Families without newline tokens (``ctx.newlines`` False) never get the newline index, and
+        a global view the model does not have (``ctx.thumbnail_emitted`` False) none of its tokens."""
         if sel.order is not None:
             order = sel.order
         else:
@@ -146,6 +148,8 @@ class VisionMethod(MethodConfig):
             order = core.assemble_order(thumb, sel.crop_keep, ctx.valid, ctx.grid, ctx.side, req.layout, ctx.box)
         if not ctx.newlines:
             order = order[order != ctx.scores.numel()]
+        if not ctx.thumbnail_emitted:
+            order = order[order >= ctx.scores.shape[1]]
         return order
 
     def content_dependence(self) -> str | None:

@@ -46,6 +46,11 @@ Departures (each with the reason and the option):
   common ceiling so that the total is at most stock's (``core.hold_views``); where their T per view fits
   (every image at the usual R <= 0.75 but very thin ones) it is kept exactly. R = 1 keeps every view whole.
 * ``negate=True`` is their sign ``(-relevance).mean``; ``False`` ranks relevant tokens up instead.
+
+Qwen2.5-VL / Qwen3-VL: the authors released no Qwen code (their repository has LLaVA-1.5/NeXT only; their
+project page reports Qwen2.5-VL results without it). The LLaVA algorithm above runs on the merged tokens,
+view by view, where the views are the family's regions of the token map (``docs/qwen.md``); there is no
+letterbox padding there, so the family runs ``budget="exact"`` (the candidates are every region's tokens).
 """
 
 from __future__ import annotations

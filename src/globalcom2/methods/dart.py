@@ -54,6 +54,12 @@ Departures of the in-LLM form from the released code, each for a reason:
 * Their LLaVA-1.5 branch (``max_num_trunction``: ``TOPK = ceil(M // 8)`` of 576 fixed tokens after a
   35-token system prompt) is not implemented: the LLaVA-NeXT rule above covers every image size.
 * No visual token in a row: the row is passed through.
+
+Qwen2.5-VL: their Qwen2.5-VL code (the same mirror, ``Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py``,
+``get_retained_image_token``) runs the same algorithm with ``TOPK = int(V (1 - reduction_ratio) / (4 + 4))``
+of the image span (first ``<|image_pad|>`` to ``<|vision_end|>``) and kept tokens at their 3-D M-RoPE
+positions; ``topk_rule="qwen2_5_vl"`` is that count, and ``"auto"`` picks it on Qwen-VL (Qwen3-VL has no
+author code: the same rule). Their departures from it here as above (batches, several images in one pool).
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ def topk_per_pivot(retain: int, n_candidates: int, n_image_pivots: int, n_pivots
     return min(retain, n_candidates - n_image_pivots) // max(n_pivots, 1)
 
 
+#: how TOPK is counted: the family's authors' rule, their LLaVA-NeXT scripts', their Qwen2.5-VL code's
+TOPK_RULES = ("auto", "llava_next", "qwen2_5_vl")
+
+
 def set_order(positions: list[int]) -> list[int]:
     """Indices into ``positions`` in the order a Python set built from them iterates (DART's pivot order)."""
     where = {p: i for i, p in reversed(list(enumerate(positions)))}
@@ -121,10 +131,12 @@ def set_order(positions: list[int]) -> list[int]:
 
 
 def duplication_aware_keep(
-    tokens: torch.Tensor, text: torch.Tensor | None, retain: int, n_image_pivots: int, n_text_pivots: int
-) -> torch.Tensor:
+    tokens: torch.Tensor, text: torch.Tensor | None, retain: int, n_image_pivots: int, n_text_pivots: int,
+    topk: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(K,) long ascending indices of the DART-kept rows of tokens: (T, D); text: (M, D) or None (embedding form).
 
+    topk: tokens each pivot keeps; None: ``topk_per_pivot(retain, ...)`` (their LLaVA-NeXT rule).
     One vectorised step per pivot (at most ``n_image_pivots + n_text_pivots``), none per token.
     """
     t = tokens.shape[0]
@@ -139,7 +151,9 @@ def duplication_aware_keep(
     pivots = torch.cat(pivots)  # (P, D)
     free = torch.ones(t, dtype=torch.bool, device=x.device)
     free[img_piv] = False
-    kept = least_duplicated(x, pivots, free, topk_per_pivot(retain, t, p_img, pivots.shape[0]))
+    if topk is None:
+        topk = topk_per_pivot(retain, t, p_img, pivots.shape[0])
+    kept = least_duplicated(x, pivots, free, topk)
     kept[img_piv] = True
     return kept.nonzero().squeeze(1)
 
@@ -155,6 +169,11 @@ class _DARTOptions(MethodConfig):
     pivot_image_tokens, pivot_text_tokens: pivots of each kind (DART's 4 and 4).
     budget: "authors" or "exact", form="embedding" only; changes nothing: the count depends on the image
         size only, given a prompt of at least ``pivot_text_tokens`` text tokens.
+    topk_rule: how many tokens each pivot keeps (TOPK): "llava_next" (their LLaVA-NeXT scripts:
+        ``min(round(R V), V - P_img) // P`` with P the pivots found), "qwen2_5_vl" (their Qwen2.5-VL code:
+        ``int(V R / (pivot_image_tokens + pivot_text_tokens))``, capped at ``(V - P_img) // P`` so the pool never
+        runs dry where their ``topk`` would raise), or "auto" (default: the rule of the authors' code for the
+        family, "qwen2_5_vl" on Qwen-VL, "llava_next" elsewhere).
     """
 
     name = "dart"
@@ -168,10 +187,12 @@ class _DARTOptions(MethodConfig):
     pivot_image_tokens: int = PIVOT_IMAGE_TOKENS
     pivot_text_tokens: int = PIVOT_TEXT_TOKENS
     budget: str = "authors"
+    topk_rule: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("form", self.form, FORMS)
+        check_choice("topk_rule", self.topk_rule, TOPK_RULES)
         if self.form != self.form_name:
             other = "DARTEmbeddingConfig" if self.form == "embedding" else "DARTConfig"
             raise TypeError(
@@ -196,12 +217,19 @@ class _DARTOptions(MethodConfig):
         if self.pivot_image_tokens == 0:
             raise ValueError("pivot_image_tokens must be >= 1 (image pivots are always kept), got 0")
 
+    def topk(self, n_visual: int, n_image_pivots: int, n_pivots: int) -> int:
+        """TOPK, the tokens each of ``n_pivots`` pivots keeps of ``n_visual`` candidates (``topk_rule``)."""
+        room = topk_per_pivot(n_visual, n_visual, n_image_pivots, n_pivots)  # (V - P_img) // P
+        if self.topk_rule == "qwen2_5_vl":
+            share = n_visual * self.retention_ratio / (self.pivot_image_tokens + self.pivot_text_tokens)
+            return min(int(share), room)
+        return topk_per_pivot(int(round(self.retention_ratio * n_visual)), n_visual, n_image_pivots, n_pivots)
+
     def visual_count(self, n_visual: int) -> int:
         """Visual tokens kept of ``n_visual``: ``P_img + P TOPK`` (with ``pivot_text_tokens`` text pivots)."""
         p_img = min(self.pivot_image_tokens, n_visual)
         n_piv = p_img + self.pivot_text_tokens
-        retain = int(round(self.retention_ratio * n_visual))
-        return p_img + n_piv * topk_per_pivot(retain, n_visual, p_img, n_piv)
+        return p_img + n_piv * self.topk(n_visual, p_img, n_piv)
 
 
 @dataclass(frozen=True)
@@ -230,13 +258,14 @@ class DARTConfig(_DARTOptions, LLMMethod):
         with torch.no_grad():
             key_norm = ctx.keys().abs().sum((1, 3))  # (B, L): L1 over every head and channel
             states = ctx.norm(ctx.hidden)  # (B, L, D)
-            hidden, positions, visual = [], [], []
+            hidden, positions, visual, sources = [], [], [], []
             for r in range(ctx.hidden.shape[0]):  # one row at a time (pivots per row), never per token
                 keep = self._keep_row(key_norm[r], states[r], ctx.key_mask[r], ctx.visual[r], ctx.positions[r])
                 hidden.append(ctx.hidden[r, keep])
                 positions.append(ctx.positions[r, keep])
                 visual.append(ctx.visual[r, keep])
-        return Stage(hidden, positions, visual)
+                sources.append(keep)
+        return Stage(hidden, positions, visual, sources)
 
     def _keep_row(
         self, key_norm: torch.Tensor, states: torch.Tensor, real: torch.Tensor, vis: torch.Tensor, pos: torch.Tensor
@@ -261,8 +290,7 @@ class DARTConfig(_DARTOptions, LLMMethod):
         free = torch.zeros_like(vis)
         free[cand] = True
         free[img_piv] = False
-        retain = int(round(self.retention_ratio * v))
-        kept = least_duplicated(states, states[visit], free, topk_per_pivot(retain, v, p_img, pivots.numel()))
+        kept = least_duplicated(states, states[visit], free, self.topk(v, p_img, pivots.numel()))
         kept[img_piv] = True
         return torch.nonzero(real & (~vis | kept)).squeeze(1)
 
@@ -290,10 +318,14 @@ class DARTEmbeddingConfig(_DARTOptions, VisionMethod):
         """Pivots and their least-duplicated tokens over the image's stock sequence, in stock order."""
         stock, source = stock_sequence(ctx, "dart")  # (T,), (V N + 1, D)
         with torch.no_grad():
-            retain = int(round(self.retention_ratio * stock.numel()))
+            t = stock.numel()
+            retain = int(round(self.retention_ratio * t))
+            p_img = min(self.pivot_image_tokens, t)
+            n_text = 0 if ctx.text is None else min(self.pivot_text_tokens, ctx.text.shape[0])
             keep = duplication_aware_keep(
-                source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens
-            )
+                source[stock], ctx.text, retain, self.pivot_image_tokens, self.pivot_text_tokens,
+                topk=self.topk(t, p_img, p_img + n_text),
+            )  # fmt: skip
         return selection_from_order(stock[keep], ctx)
 
 

@@ -28,6 +28,15 @@ Departures (each with the reason and the option):
   sequence (``unpad_rounding="transformers"``). On rare sizes the two differ by whole rows: a 352x110 px
   image at 336 px views is 1360 stock tokens, 1262 in their code (``R T`` follows). ``unpad_rounding=
   "authors"`` takes their truncated sequence instead.
+
+Qwen2.5-VL / Qwen3-VL: the DivPrune authors' README links a community Qwen2.5-VL port (Ironieser/MMTok,
+``mmtok/qwen/``), which ``space="auto"`` follows there: the candidates are the image's merged tokens in
+stock (raster) order and distance is measured on the tower's own vector of each merged token, the mean
+of its m x m patches of the last vision block before the merger (``ImageContext.tower_features``;
+``space="projected"`` measures on the merger's output instead). The port's departures not taken: it
+keeps ``int(R T)`` over all images of a call together (here ``round(R T)`` per image, DivPrune's own
+count, so a batch selects as each image alone and one R gives one count on every family: at most one
+token apart), and it reads the first image's span only.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from .checks import check_choice
 from .sequence import selection_from_order, stock_length, stock_sequence
 
 GRANULARITIES = ("image", "view")
+#: where distances are measured: the family's choice, the projected (LLM input) features, the tower's own vectors
+SPACES = ("auto", "projected", "tower")
 
 
 def cosine_similarity(x: torch.Tensor, block: int = 512) -> torch.Tensor:
@@ -107,6 +118,10 @@ class DivPruneConfig(VisionMethod):
         already depends on the image size only (``globalcom2.num_image_tokens``).
     unpad_rounding: "transformers" (default: the candidates are the stock sequence transformers builds) or
         "authors" (their ``unpad_image``, which truncates: on rare sizes a row fewer per padded side).
+    space: where the cosine distance is measured: "projected" (the features the LLM receives, DivPrune's
+        LLaVA code), "tower" (the tower's own vector of each token before the projector, where the family
+        defines one: Qwen-VL, as the DivPrune Qwen2.5-VL port), or "auto" (default: the family's choice,
+        ``FamilyAdapter.auto_options``: "tower" on Qwen-VL, "projected" elsewhere).
     """
 
     name = "divprune"
@@ -116,22 +131,37 @@ class DivPruneConfig(VisionMethod):
     granularity: str = "image"
     budget: str = "authors"
     unpad_rounding: str = "transformers"
+    space: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("budget", self.budget, ("authors", "exact"))
         check_choice("unpad_rounding", self.unpad_rounding, ("transformers", "authors"))
+        check_choice("space", self.space, SPACES)
 
     @property
     def requires(self) -> Requirements:
         """Stock LLaVA-NeXT's unpadded layout (transformers' rounding, or their truncation with
-        ``unpad_rounding="authors"``) and the projected features."""
+        ``unpad_rounding="authors"``), the projected features and (``space`` "tower") the tower's own vectors."""
         rounding = None if self.unpad_rounding == "authors" else TRANSFORMERS_UNPAD_DIGITS
+        needs = {"features"} | ({"tower"} if self.space == "tower" else set())
         return Requirements(
             unpad=True, unpad_rounding=rounding, layout="spatial", thumbnail_order="spatial",
-            needs=frozenset({"features"}),
+            needs=frozenset(needs),
         )  # fmt: skip
+
+    def distance_source(self, ctx: ImageContext) -> torch.Tensor | None:
+        """(V, N, D) detached vectors whose cosine distances the greedy reads: the tower's (``space="tower"``),
+        else None (the projected features; "auto" unresolved by a family means "projected")."""
+        if self.space != "tower":
+            return None
+        if ctx.tower_features is None:
+            raise ValueError(
+                "space='tower' needs the tower's own token vectors (ImageContext.tower_features), which this "
+                "family does not define; use space='projected' or 'auto'"
+            )
+        return ctx.tower_features.detach()
 
     def _count(self, t: int) -> int:
         return min(max(int(round(self.retention_ratio * t)), 1), t) if t else 0
@@ -139,13 +169,17 @@ class DivPruneConfig(VisionMethod):
     def token_count(self, ctx: ImageContext) -> int:
         """Visual tokens of any image of this geometry: round(R T) of the T stock tokens (or per view)."""
         if self.granularity == "view":
-            n_valid = [ctx.scores.shape[1], *ctx.valid.sum(1).tolist()]
+            n_valid = [ctx.scores.shape[1]] if ctx.thumbnail_emitted else []
+            n_valid += ctx.valid.sum(1).tolist()
             return sum(self._count(int(c)) for c in n_valid)
         return self._count(stock_length(ctx))
 
     def select(self, ctx: ImageContext) -> Selection:
         """The most diverse tokens of the image (or of each view), emitted in stock order."""
         stock, source = stock_sequence(ctx, "divprune")  # (T,), (V N + 1, D)
+        tower = self.distance_source(ctx)
+        if tower is not None:  # the same order over the tower's vectors (the newline row is never in it)
+            source = torch.cat([tower.flatten(0, 1), tower.new_zeros(1, tower.shape[-1])]).to(stock.device)
         feats = source[:-1].view(*ctx.scores.shape, -1)  # (V, N, D)
         v, n_tok = ctx.scores.shape
         dev = feats.device
@@ -157,7 +191,7 @@ class DivPruneConfig(VisionMethod):
                 valid = ctx.valid.to(dev)
                 keep = torch.zeros(v, n_tok, dtype=torch.bool, device=dev)
                 cand = torch.cat([torch.ones(1, n_tok, dtype=torch.bool, device=dev), valid])  # (V, N)
-                for view in range(v):  # one greedy per view
+                for view in range(0 if ctx.thumbnail_emitted else 1, v):  # one greedy per emitted view
                     pos = cand[view].nonzero().squeeze(1)
                     keep[view, pos[max_min_diverse(feats[view, pos], self._count(pos.numel()))]] = True
                 thumb = keep[0].nonzero().squeeze(1)

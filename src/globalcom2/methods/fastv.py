@@ -83,7 +83,7 @@ class FastVConfig(LLMMethod):
         score = ctx.probs(last[:, None]).mean(1)[:, 0]  # (B, L)
         n_vis = (ctx.visual & ctx.key_mask).sum(1)
         k = self.keep_count(n_vis).tolist()
-        hidden, positions, visual = [], [], []
+        hidden, positions, visual, sources = [], [], [], []
         for row in range(b):
             vis = torch.nonzero(ctx.visual[row] & ctx.key_mask[row]).squeeze(1)
             text = torch.nonzero(~ctx.visual[row] & ctx.key_mask[row]).squeeze(1)
@@ -92,4 +92,5 @@ class FastVConfig(LLMMethod):
             hidden.append(ctx.hidden[row, keep])
             positions.append(ctx.positions[row, keep])
             visual.append(ctx.visual[row, keep])
-        return Stage(hidden, positions, visual)
+            sources.append(keep)
+        return Stage(hidden, positions, visual, sources)

@@ -257,16 +257,18 @@ class SparseVLMConfig(LLMMethod):
         q_max = max(q.numel() for q in q_idx)
         queries = torch.stack([torch.cat([q, q[:1].expand(q_max - q.numel())]) for q in q_idx])  # (B, Q)
         probs = ctx.probs(queries).mean(1)  # (B, Q, L): head mean
-        hidden, positions, visual = [], [], []
+        hidden, positions, visual, sources = [], [], [], []
         for r in range(b):
-            h, p, v = self._prune_row(ctx, r, probs[r, : q_idx[r].numel()].mean(0))
+            h, p, v, src = self._prune_row(ctx, r, probs[r, : q_idx[r].numel()].mean(0))
             hidden.append(h)
             positions.append(p)
             visual.append(v)
-        return Stage(hidden, positions, visual)
+            sources.append(src)
+        return Stage(hidden, positions, visual, sources)
 
     def _prune_row(self, ctx: PruneContext, r: int, score: torch.Tensor):
-        """One row: score (L,) rater-mean attention -> (hidden (L', D), positions (L',), visual (L',))."""
+        """One row: score (L,) rater-mean attention -> (hidden (L', D), positions (L',), visual (L',), sources
+        (L',): the input index of each entry, -1 for a recycled cluster token)."""
         real = ctx.key_mask[r]
         vis = torch.nonzero(ctx.visual[r] & real).squeeze(1)  # (V,) current visual tokens
         keep_n, n_clusters = self.step(vis.numel(), ctx.stage, int(ctx.n_visual_full[r]), ctx.num_layers)
@@ -274,7 +276,7 @@ class SparseVLMConfig(LLMMethod):
         keep = real & ~ctx.visual[r]
         keep[ranked[:keep_n]] = True
         idx = torch.nonzero(keep).squeeze(1)  # text + kept visual, in sequence order
-        h, p, v = ctx.hidden[r, idx], ctx.positions[r, idx], ctx.visual[r, idx]
+        h, p, v, src = ctx.hidden[r, idx], ctx.positions[r, idx], ctx.visual[r, idx], idx
         if n_clusters:
             deleted = ranked[keep_n:]  # best first
             chosen = deleted[: int(deleted.numel() * RECYCLE_SHARE) + 1]
@@ -284,7 +286,8 @@ class SparseVLMConfig(LLMMethod):
             h = torch.cat([h[:cut], merged, h[cut:]])
             p = torch.cat([p[:cut], last_pos.expand(n_clusters), p[cut:]])
             v = torch.cat([v[:cut], v.new_ones(n_clusters), v[cut:]])
-        return h, p, v
+            src = torch.cat([src[:cut], src.new_full((n_clusters,), -1), src[cut:]])
+        return h, p, v, src
 
 
 def rater_positions(

@@ -22,6 +22,16 @@ Follows the authors' released code (github dvlab-research/VisionZip, ``visionzip
 The language model therefore receives ``(1 + n) K`` visual tokens (``K`` = 64 per view gives the
 paper's 320 of 2880 on a 2x2 grid).
 
+Towers without a [CLS] token whose family gives its stock visual sequence (``ImageContext.cls_token``
+False, ``stock_order`` set: Qwen2.5-VL / Qwen3-VL). VisionZip's authors released no code for such a
+model (their repository has LLaVA's CLIP path only); this is how their algorithm reads there, as their
+code runs on a single-view LLaVA-1.5 image: once over the image's T stock tokens, ``K = max(1, round(T
+R))`` of them, ``C = round(K share)`` contextual and ``K - C`` dominant tokens (no [CLS] to count among
+them) by the family's score (attention received), the contextual merge as above on the rows of
+``hidden`` (the family's vision-space rows, which its projector turns into LLM tokens) compared by
+``keys``; each contextual token takes the place of its target token (``Selection.extra_at``), and the
+dominant ones keep theirs.
+
 Departures from their code (each with the reason):
 
 * the [CLS] attention and the keys are recomputed in float32 from the hidden state entering the
@@ -47,8 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod, stock_length
+from .base import ImageContext, Requirements, Selection, ViewSelector, VisionMethod
 from .checks import check_choice, check_number, check_scorer
+from .sequence import selection_from_order, stock_length, stock_order
 
 #: VisionZip's released split: ``visionzip(model, dominant=54, contextual=10)`` keeps 64 tokens a view, 10 merged
 CONTEXTUAL_SHARE = 10 / 64
@@ -59,6 +70,12 @@ def visionzip_split(k: int, contextual_share: float) -> tuple[int, int]:
     c = int(round(k * contextual_share))
     c = min(c, k - 1) if k > 1 else 0
     return k - c, c
+
+
+def contextual_targets(m: int, c: int, device=None) -> torch.Tensor:
+    """(c,) long, which of the ``m`` non-dominant tokens (ascending) VisionZip's merge makes targets: every
+    ``max(1, m // c)``-th one, the first c."""
+    return torch.arange(0, m, max(1, m // c), device=device)[:c]
 
 
 def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, c: int) -> torch.Tensor:
@@ -72,8 +89,7 @@ def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tenso
     metric = keys.gather(1, rest[..., None].expand(v, m, keys.shape[-1]))  # (V, M, d)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     h = hidden.gather(1, rest[..., None].expand(v, m, hidden.shape[-1]))  # (V, M, D)
-    step = max(1, m // c)
-    target = torch.arange(0, m, step, device=rest.device)[:c]  # (c,)
+    target = contextual_targets(m, c, rest.device)  # (c,)
     is_target = torch.zeros(m, dtype=torch.bool, device=rest.device)
     is_target[target] = True
     others = (~is_target).nonzero().squeeze(1)  # (M - c,)
@@ -135,13 +151,19 @@ class VisionZipConfig(VisionMethod):
         return int(core.hold_views(torch.full((v,), k), stock_length(ctx)).min())
 
     def token_count(self, ctx: ImageContext) -> int:
-        """Visual tokens of any image of this geometry: K per view ([CLS] + dominant + contextual), (1 + n) K."""
+        """Visual tokens of any image of this geometry: K per view ([CLS] + dominant + contextual), (1 + n) K;
+        without a [CLS] token, K of the image's T stock tokens."""
+        if not ctx.cls_token:
+            return self.view_budget(stock_length(ctx))
         return ctx.scores.shape[0] * self.image_budget(ctx)
 
     def select(self, ctx: ImageContext) -> Selection:
-        """Dominant + contextual tokens of every view, emitted in VisionZip's LLaVA-NeXT order."""
+        """Dominant + contextual tokens of every view, emitted in VisionZip's LLaVA-NeXT order (towers without a
+        [CLS] token: of the image's stock tokens, ``select_sequence``)."""
         if ctx.hidden is None or ctx.keys is None:
             raise ValueError("visionzip needs the feature layer's hidden states and keys (ImageContext.hidden/keys)")
+        if not ctx.cls_token:
+            return self.select_sequence(ctx)
         scores = ctx.scores  # (V, N)
         v, n_tok = scores.shape
         n = v - 1
@@ -173,6 +195,31 @@ class VisionZipConfig(VisionMethod):
         ])  # fmt: skip
         ratios = torch.full((n,), k / n_tok, dtype=torch.float64)
         return Selection(thumb, keep[1:], ratios, extra=extra, order=order)
+
+    def select_sequence(self, ctx: ImageContext) -> Selection:
+        """A tower without [CLS]: ``K - C`` dominant tokens of the image's T stock tokens by score and ``C``
+        contextual ones, each standing at its target (``extra_at``); emitted dominant first, in stock order."""
+        v, n_tok = ctx.scores.shape
+        stock = stock_order(ctx).to(ctx.scores.device)  # (T,) context indices, stock order
+        k = self.view_budget(stock.numel())
+        n_dom, c = visionzip_split(k, self.contextual_share)
+        with torch.no_grad():
+            dom = ctx.scores.flatten()[stock].topk(n_dom).indices.sort().values  # (n_dom,) into the stock sequence
+        base = v * n_tok + 1  # first extra row in the source
+        order = stock[dom]
+        sel_extra = extra_at = None
+        if c > 0:
+            hidden = ctx.hidden.flatten(0, 1)[stock.to(ctx.hidden.device)]  # (T, D) the family's vision-space rows
+            keys = ctx.keys.flatten(0, 1)[stock.to(ctx.keys.device)].to(hidden.device)  # (T, d)
+            rest = torch.ones(stock.numel(), dtype=torch.bool, device=stock.device)
+            rest[dom] = False
+            rest = rest.nonzero().squeeze(1)  # (M,) ascending
+            sel_extra = merge_contextual(hidden[None], keys[None], rest[None].to(hidden.device), c)[0]  # (C, D)
+            extra_at = stock[rest[contextual_targets(rest.numel(), c, rest.device)]]  # (C,) context indices
+            order = torch.cat([order, base + torch.arange(c, device=order.device)])
+        sel = selection_from_order(order, ctx)
+        sel.extra, sel.extra_at = sel_extra, extra_at
+        return sel
 
 
 class VisionZipSelector(ViewSelector):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import internvl, llava_next, llava_onevision
+from . import internvl, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl
 from .base import FamilyAdapter, ImageBatch, ImageRecord
 
 __all__ = [
@@ -22,10 +22,18 @@ __all__ = [
     "internvl",
     "llava_next",
     "llava_onevision",
+    "qwen2_5_vl",
+    "qwen3_vl",
 ]
 
 #: every family's adapter, in the order ``adapter_for`` tries them
-FAMILIES: tuple[FamilyAdapter, ...] = (llava_next.ADAPTER, llava_onevision.ADAPTER, internvl.ADAPTER)
+FAMILIES: tuple[FamilyAdapter, ...] = (
+    llava_next.ADAPTER,
+    llava_onevision.ADAPTER,
+    internvl.ADAPTER,
+    qwen2_5_vl.ADAPTER,
+    qwen3_vl.ADAPTER,
+)
 
 
 def family_names() -> tuple[str, ...]:

@@ -11,6 +11,8 @@ prompt's text embeddings. Nothing here knows a family's geometry: in ``pack`` an
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -128,6 +130,7 @@ class ImageBatch(NamedTuple):
 
     features: per image (T_i, D_llm); stock_counts: the stock placeholder tokens of each image in
     ``input_ids``; records: per image an ``ImageRecord`` (vision-side methods) or None (in-LLM methods).
+    A family whose ``pack`` needs more per image returns a subclass carrying it (Qwen-VL's ``QwenImageBatch``).
     """
 
     features: list[torch.Tensor]
@@ -167,6 +170,11 @@ class FamilyAdapter:
     vision_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes",)
     #: whether the vision tower has a [CLS] token (``scorer="auto"`` is "cls" where it has)
     has_cls: ClassVar[bool] = True
+    #: what ``scorer="auto"`` means on this family; None: "cls" with a [CLS] token, else "global_dissimilarity"
+    default_scorer: ClassVar[str | None] = None
+    #: per method name, the values its options left at "auto" take on this family, where the authors' code
+    #: for this family differs from their LLaVA code (Qwen-VL: DART's ``topk_rule``, DivPrune's ``space``)
+    auto_options: ClassVar[dict[str, dict[str, Any]]] = {}
     #: the tower, as named in error messages
     tower_name: ClassVar[str] = "this vision tower"
     #: registered methods that cannot run on this family, with the reason
@@ -191,15 +199,27 @@ class FamilyAdapter:
     def resolve(self, cfg: MethodConfig, config: Any) -> MethodConfig:
         """The config a method runs with on this family; ValueError (naming the method/option) for what cannot run.
 
-        Default: refuse ``unsupported_methods`` and a scorer the tower cannot compute; subclasses extend it.
+        Default: refuse ``unsupported_methods`` and a scorer the tower cannot compute, give options left at
+        "auto" the family's values (``auto_options``, ``default_scorer``); subclasses extend it.
         """
         if cfg.name in self.unsupported_methods:
             raise ValueError(
                 f"method {cfg.name!r} does not run on {self.display_name}: {self.unsupported_methods[cfg.name]}"
             )
+        names = cfg.option_names()
+        auto = dict(self.auto_options.get(cfg.name, {}))
+        if self.default_scorer is not None and "scorer" in names:
+            auto.setdefault("scorer", self.default_scorer)
+        chosen = {k: v for k, v in auto.items() if k in names and getattr(cfg, k) == "auto"}
+        if chosen:
+            cfg = dataclasses.replace(cfg, **chosen)
         if cfg.where == "vision":
-            scoring.resolve_scorer(cfg.requires.scorer, self.has_cls, self.tower_name)
+            scoring.resolve_scorer(cfg.requires.scorer, self.has_cls, self.tower_name, self.default_scorer)
         return cfg
+
+    def scorer(self, cfg: MethodConfig) -> str:
+        """The concrete scorer ``cfg`` rates this family's tokens with ("auto" resolved the family's way)."""
+        return scoring.resolve_scorer(cfg.requires.scorer, self.has_cls, self.tower_name, self.default_scorer)
 
     # -- the vision side -------------------------------------------------------------------------
 
@@ -241,17 +261,27 @@ class FamilyAdapter:
         feats, records = self.compress(model, cfg, pixel_values, vision_kwargs, input_ids, attention_mask)
         return ImageBatch(feats, counts, records)
 
-    def geometry_context(self, cfg: MethodConfig, config: Any, image_size: tuple[int, int]) -> ImageContext:
-        """An ``ImageContext`` holding the geometry of one image of (height, width), zero scores."""
+    def geometry_context(
+        self, cfg: MethodConfig, config: Any, image_size: tuple[int, int], processor: Any = None
+    ) -> ImageContext:
+        """An ``ImageContext`` holding the geometry of one image of (height, width), zero scores.
+
+        processor: the model's processor (or its image processor, or a mapping of its settings), for families
+        whose geometry follows a processor setting the model config does not hold (Qwen-VL's min/max pixels);
+        the other families read everything from the config and ignore it.
+        """
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def token_count(self, cfg: MethodConfig, config: Any, image_size: tuple[int, int]) -> int | None:
+    def token_count(
+        self, cfg: MethodConfig, config: Any, image_size: tuple[int, int], processor: Any = None
+    ) -> int | None:
         """Visual tokens the LLM receives for one image of (height, width) under ``cfg`` (already resolved), or
         None where that depends on the pixels. The method counts on the family's context."""
-        return cfg.token_count(self.geometry_context(cfg, config, image_size))
+        return cfg.token_count(self.geometry_context(cfg, config, image_size, processor))
 
-    def stock_token_count(self, config: Any, image_size: tuple[int, int]) -> int:
-        """Visual tokens stock feeds its LLM for one image of (height, width)."""
+    def stock_token_count(self, config: Any, image_size: tuple[int, int], processor: Any = None) -> int:
+        """Visual tokens stock feeds its LLM for one image of (height, width) (``processor``: as
+        ``geometry_context``)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     # -- the language-model side -----------------------------------------------------------------
@@ -269,10 +299,17 @@ class FamilyAdapter:
         stock_counts: list[int],
         labels: torch.Tensor | None = None,
         padding_side: str = "left",
+        batch: ImageBatch | None = None,
     ) -> PackedInputs:
         """Splice each image's features into the prompt (``pack``); families with extra positional state
-        (M-RoPE) override it."""
+        (M-RoPE) override it. batch: the call's ``ImageBatch`` (as the family's ``prepare_images`` made it), for
+        such families."""
         return pack(model, input_ids, attention_mask, features, stock_counts, labels=labels, padding_side=padding_side)
+
+    def lm_call_context(self, model: nn.Module, packed: PackedInputs) -> contextlib.AbstractContextManager:
+        """A context around the stock ``forward``/``generate`` on ``packed`` (entered before the in-LLM methods'
+        hooks): none by default; Qwen-VL installs its M-RoPE positions and DeepStack inputs there."""
+        return contextlib.nullcontext()
 
     # -- tools -----------------------------------------------------------------------------------
 

@@ -656,11 +656,11 @@ class InternVLAdapter(FamilyAdapter):
         enc = encode_views(model, None, pixel_values, grids, layer, with_scores=False)
         return [f.flatten(0, 1) for f in enc.features]
 
-    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
+    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int], processor=None) -> ImageContext:
         """Zero-score context of one image: thumbnail first, crops, no newlines."""
         return geometry_context(cfg, config, image_size)
 
-    def stock_token_count(self, config, image_size: tuple[int, int]) -> int:
+    def stock_token_count(self, config, image_size: tuple[int, int], processor=None) -> int:
         """``S^2`` per tile (crops + thumbnail), no newlines."""
         geo = Geometry.from_config(config)
         return geo.grid_tokens(geo.grid(image_size))

@@ -333,11 +333,13 @@ class LlavaNextAdapter(FamilyAdapter):
         """See ``stock_features``."""
         return stock_features(model, pixel_values, vision_kwargs)
 
-    def geometry_context(self, cfg: MethodConfig, config: Any, image_size: tuple[int, int]) -> ImageContext:
+    def geometry_context(
+        self, cfg: MethodConfig, config: Any, image_size: tuple[int, int], processor=None
+    ) -> ImageContext:
         """Zero-score context of one image, unpadded as ``cfg`` unpads."""
         return Geometry.from_config(config).context(cfg, image_size)
 
-    def stock_token_count(self, config: Any, image_size: tuple[int, int]) -> int:
+    def stock_token_count(self, config: Any, image_size: tuple[int, int], processor=None) -> int:
         """Thumbnail + unpadded crops + one newline per unpadded row."""
         return Geometry.from_config(config).stock_tokens(image_size)
 

@@ -499,11 +499,11 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         """See ``stock_features``."""
         return stock_features(model, pixel_values, vision_kwargs)
 
-    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int]) -> ImageContext:
+    def geometry_context(self, cfg: MethodConfig, config, image_size: tuple[int, int], processor=None) -> ImageContext:
         """Zero-score context of one single-image-prompt image (emitted crop map slots)."""
         return geometry_context(cfg, config, image_size)
 
-    def stock_token_count(self, config, image_size: tuple[int, int]) -> int:
+    def stock_token_count(self, config, image_size: tuple[int, int], processor=None) -> int:
         """Base view + emitted crop map + one newline per emitted row."""
         return Geometry.from_config(config).stock_tokens(image_size)
 

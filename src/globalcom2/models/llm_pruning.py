@@ -9,6 +9,16 @@ so the model carries no extra state between calls.
 
 Works with eager and SDPA attention, any batch (rows are pruned independently and re-aligned
 with left padding), and ``generate``.
+
+Multimodal rotary positions (Qwen2.5-VL / Qwen3-VL's M-RoPE, position_ids (3, B, L), or (4, B, L) with
+a leading 1-D text row) are carried alongside: the methods see each token's 1-D position (its rank among
+the row's attended prompt tokens, padding-invariant, as for 1-D RoPE), and the shortened layers get the
+rotary embeddings of the kept tokens' own 3-D positions (a token a method makes, SparseVLM's recycled
+cluster, takes the 3-D position of the token whose 1-D position it was given). Queries and keys are
+recomputed as the layer computes them (per-head ``q_norm``/``k_norm`` where the layer has them, Qwen3;
+M-RoPE sections merged where the rotary embedding leaves them split, transformers 5.0's Qwen2.5-VL).
+Per-token inputs a language model adds after some layers (Qwen3-VL's DeepStack, ``_deepstack_process``)
+follow the kept tokens. Llama-family models take none of these paths and run as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -74,14 +84,41 @@ def check_call_options(model: nn.Module, kwargs: dict) -> None:
         )
 
 
-def rotary_keys(keys: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], head_dim: int) -> torch.Tensor:
+def merged_cos_sin(
+    cos_sin: tuple[torch.Tensor, torch.Tensor], sections: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (cos, sin), each (B|1, L, hd): as given, or merged from M-RoPE's (3, B, L, hd) by ``sections``
+    (frequency band i takes axis i % 3, as ``apply_multimodal_rotary_pos_emb`` does)."""
+    cos, sin = cos_sin
+    if cos.dim() == 3:
+        return cos, sin
+    if not sections:
+        raise ValueError("3-axis rotary embeddings need the model's mrope_section (text_config.rope_parameters)")
+    split = list(sections) * 2
+    return tuple(torch.cat([m[i % 3] for i, m in enumerate(t.split(split, dim=-1))], dim=-1) for t in (cos, sin))
+
+
+def _heads(x: torch.Tensor, head_dim: int, norm: nn.Module | None) -> torch.Tensor:
+    """(B, H, L, hd) float32 heads of a projection x: (B, L, H * hd), through the layer's per-head norm if any."""
+    b, length = x.shape[:2]
+    h = x.view(b, length, -1, head_dim)
+    if norm is not None:  # Qwen3: q_norm / k_norm on each head, in the model's dtype, before the rotary
+        h = norm(h)
+    return h.float().transpose(1, 2)
+
+
+def rotary_keys(
+    keys: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], head_dim: int, norm: nn.Module | None = None,
+    sections: list[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(B, Hkv, L, hd) float32 rotated keys from a layer's ``k_proj`` output keys: (B, L, Hkv * hd).
 
-    cos_sin: rotary (cos, sin), each (B|1, L, hd).
+    cos_sin: rotary (cos, sin), each (B|1, L, hd) (or M-RoPE's split (3, B, L, hd) with ``sections``);
+    norm: the layer's ``k_norm`` where it has one.
     """
-    b, length = keys.shape[:2]
-    cos, sin = (t.float().expand(b, -1, -1)[:, None] for t in cos_sin)  # (B, 1, L, hd)
-    k = keys.float().view(b, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+    b = keys.shape[0]
+    cos, sin = (t.float().expand(b, -1, -1)[:, None] for t in merged_cos_sin(cos_sin, sections))  # (B, 1, L, hd)
+    k = _heads(keys, head_dim, norm)  # (B, Hkv, L, hd)
     return k * cos + rotate_half(k) * sin
 
 
@@ -93,6 +130,7 @@ def attention_probs(
     key_mask: torch.Tensor,
     queries: torch.Tensor,
     keys: torch.Tensor | None = None,
+    sections: list[int] | None = None,
 ) -> torch.Tensor:
     """Softmax attention of selected query rows of one decoder layer, recomputed from its input.
 
@@ -100,7 +138,8 @@ def attention_probs(
     key_mask: (B, L) bool keys that may be attended; queries: (B, Q) long query positions
     (each query attends causally to keys at or before it); keys: optional (B, L, Hkv * hd) output
     of the layer's own ``k_proj`` on this input (the pruning hooks capture it as the layer runs, so
-    only the Q query rows are projected here), recomputed when None.
+    only the Q query rows are projected here), recomputed when None; sections: M-RoPE's ``mrope_section``
+    where ``cos_sin`` is split by axis. Per-head q/k norms are applied where the layer has them.
     returns: (B, H, Q, L) float32 probabilities.
     """
     attn = layer.self_attn
@@ -109,10 +148,13 @@ def attention_probs(
     if queries.shape[1] == 0:  # no query rows (e.g. no text to rate with): nothing to compute
         return hidden.new_zeros(b, attn.q_proj.out_features // hd, 0, length, dtype=torch.float32)
     x = layer.input_layernorm(hidden)  # (B, L, D)
+    if sections is None:  # the layer's own M-RoPE sections, where its rotary leaves them split (transformers 5.0)
+        sections = (getattr(getattr(attn, "config", None), "rope_parameters", None) or {}).get("mrope_section")
+    cos_sin = merged_cos_sin(cos_sin, sections)
     cos, sin = (t.float().expand(b, -1, -1) for t in cos_sin)
     xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))  # (B, Q, D)
-    q = attn.q_proj(xq).float().view(b, queries.shape[1], -1, hd).transpose(1, 2)  # (B, H, Q, hd)
-    k = rotary_keys(attn.k_proj(x) if keys is None else keys, cos_sin, hd)  # (B, Hkv, L, hd)
+    q = _heads(attn.q_proj(xq), hd, getattr(attn, "q_norm", None))  # (B, H, Q, hd)
+    k = rotary_keys(attn.k_proj(x) if keys is None else keys, cos_sin, hd, getattr(attn, "k_norm", None))
     qcos = torch.gather(cos, 1, queries[..., None].expand(-1, -1, hd))[:, None]
     qsin = torch.gather(sin, 1, queries[..., None].expand(-1, -1, hd))[:, None]
     q = q * qcos + rotate_half(q) * qsin
@@ -145,6 +187,9 @@ class _CallState:
     prompt: tuple | None = None  # (embeds, key mask, visual, positions) of the LM input at prefill
     stage_masks: dict = field(default_factory=dict)  # first layer of a stage -> its prompt key mask
     step_masks: dict = field(default_factory=dict)  # first layer of a stage -> its layer mask this decoding step
+    rotary: torch.Tensor | None = None  # (3, B, L0) M-RoPE positions of the prompt's columns, or None (1-D RoPE)
+    rank_cols: torch.Tensor | None = None  # (B, L0) prompt column of each 1-D position (rank), M-RoPE only
+    columns: torch.Tensor | None = None  # (B, L) prompt column of each current token, -1 for a made one
 
 
 def _pad_left(rows: list[torch.Tensor], fill: float | int | bool = 0) -> torch.Tensor:
@@ -203,6 +248,9 @@ class _Hooks:
         self.prune_at = set(plan.prune_layers(len(self.layers)))
         self.state = _CallState()
         self.handles: list = []
+        rope = getattr(getattr(lm, "config", None), "rope_parameters", None) or {}
+        self.sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        self.side_inputs = hasattr(lm, "_deepstack_process")  # Qwen3-VL: DeepStack rows after the first layers
 
     # -- installation ----------------------------------------------------------------------------
 
@@ -213,11 +261,15 @@ class _Hooks:
             self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             if i + 1 in self.prune_at:
                 self.handles.append(layer.self_attn.k_proj.register_forward_hook(self.on_keys))
+        if self.side_inputs:  # the instance attribute shadows the class's method for this call only
+            self.lm._deepstack_process = self.on_deepstack
 
     def remove(self) -> None:
         """Remove every hook: the model carries no state after the call."""
         for h in self.handles:
             h.remove()
+        if self.side_inputs:
+            del self.lm._deepstack_process
 
     # -- the language model: a new prompt or a decoding step ---------------------------------------
 
@@ -244,7 +296,18 @@ class _Hooks:
         mask = state.lm_mask.bool() if state.lm_mask is not None else torch.ones(b, length, dtype=torch.bool)
         state.prompt_len = length
         state.key_mask = mask.to(embeds.device)
-        state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
+        state.rotary = state.rank_cols = None
+        state.columns = torch.arange(length, device=embeds.device).expand(b, -1)
+        if pos is not None and pos.dim() == 3:  # M-RoPE: (3, B, L) or (4, B, L) with the 1-D text row first
+            state.rotary = pos[-3:].expand(-1, b, -1)
+            ranks = (state.key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L) 1-D position of every column
+            state.positions = ranks
+            cols = torch.zeros(b, length, dtype=torch.long, device=embeds.device)
+            every = torch.arange(length, device=embeds.device).expand(b, -1)
+            cols.scatter_(1, ranks.masked_fill(~state.key_mask, length - 1), every)
+            state.rank_cols = cols  # rank r of row b -> its column (the last slot collects padding, never read)
+        else:
+            state.positions = pos.expand(b, -1) if pos is not None else (state.key_mask.long().cumsum(-1) - 1)
         vis = torch.zeros(b, length, dtype=torch.bool, device=embeds.device)
         expand = b // max(len(self.spans), 1)  # beams / num_return_sequences repeat each row
         for row, row_spans in enumerate(s for s in self.spans for _ in range(expand)):
@@ -310,14 +373,16 @@ class _Hooks:
 
         def probs(queries: torch.Tensor) -> torch.Tensor:
             return attention_probs(
-                prev_layer, prev["hidden"], prev["cos_sin"], state.key_mask, queries, keys=prev.get("keys")
-            )
+                prev_layer, prev["hidden"], prev["cos_sin"], state.key_mask, queries, keys=prev.get("keys"),
+                sections=self.sections,
+            )  # fmt: skip
 
         def keys() -> torch.Tensor:
             k = prev.get("keys")
+            attn = prev_layer.self_attn
             if k is None:  # pragma: no cover - the hook captures it whenever the layer ran
-                k = prev_layer.self_attn.k_proj(prev_layer.input_layernorm(prev["hidden"]))
-            return rotary_keys(k, prev["cos_sin"], prev_layer.self_attn.head_dim)
+                k = attn.k_proj(prev_layer.input_layernorm(prev["hidden"]))
+            return rotary_keys(k, prev["cos_sin"], attn.head_dim, getattr(attn, "k_norm", None), self.sections)
 
         return PruneContext(
             layer_idx=idx,
@@ -352,11 +417,50 @@ class _Hooks:
         new_hidden = _pad_left(out.hidden)
         state.positions = _pad_left(out.positions)
         state.visual = _pad_left(out.visual, False)
-        state.cos_sin = self.lm.rotary_emb(new_hidden, position_ids=state.positions)
+        state.columns = self._columns(out)
+        if state.rotary is None:
+            state.cos_sin = self.lm.rotary_emb(new_hidden, position_ids=state.positions)
+        else:  # each token's own 3-D position, found from its 1-D one
+            cols = state.rank_cols.gather(1, state.positions)  # (B, L') prompt columns
+            rotary = state.rotary.gather(2, cols[None].expand(3, -1, -1))  # (3, B, L')
+            state.cos_sin = self.lm.rotary_emb(new_hidden, position_ids=rotary)
         if state.pruned_from is None:
             state.pruned_from = idx
         state.stage_masks[idx] = state.key_mask
         return new_hidden
+
+    def _columns(self, out: Stage) -> torch.Tensor | None:
+        """(B, L') prompt column of every token after a stage (-1: made by the method; padding -1), from the
+        stage's ``sources``; None when the method does not report them."""
+        old = self.state.columns
+        if out.sources is None or old is None:
+            return None
+        rows = []
+        for row, src in enumerate(out.sources):  # rows, never tokens
+            src = src.to(old.device)
+            rows.append(torch.where(src >= 0, old[row, src.clamp(min=0)], src.new_full(src.shape, -1)))
+        return _pad_left(rows, -1)
+
+    # -- per-token inputs added after some layers (Qwen3-VL's DeepStack) ------------------------------
+
+    def on_deepstack(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+        """``_deepstack_process`` for this call: stock while the sequence is the prompt's; after a pruning layer,
+        the rows of the visual tokens still present, at their new slots (made tokens get none)."""
+        stock = type(self.lm)._deepstack_process.__get__(self.lm)
+        state = self.state
+        if not state.is_prefill or state.pruned_from is None:
+            return stock(hidden, visual_pos_masks, visual_embeds)
+        if state.columns is None:
+            raise ValueError(
+                f"{self.plan.name} does not report which tokens it kept (Stage.sources), which the language "
+                "model's DeepStack inputs need after its pruning layer"
+            )
+        masks = visual_pos_masks.to(hidden.device)  # (B, L0) over the prompt's columns
+        row_of = (masks.flatten().long().cumsum(0) - 1).view_as(masks)  # (B, L0) DeepStack row of a visual column
+        cols = state.columns.clamp(min=0)  # (B, L)
+        take = (state.columns >= 0) & masks.gather(1, cols)  # (B, L) tokens that are still prompt visual tokens
+        rows = row_of.gather(1, cols)[take]  # (K',) in (row, slot) order, as the boolean mask reads them
+        return stock(hidden, take, visual_embeds.to(hidden.device)[rows])
 
 
 @contextlib.contextmanager

@@ -21,23 +21,24 @@ DEMO_SHAPE = dict(
 )
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer built in memory, with ``<image>`` as a special token."""
+def word_level_tokenizer(tokens: tuple[str, ...], **special):
+    """A word-level fast tokenizer over ``tokens`` (ids in order; ``<unk>`` among them), whitespace and
+    punctuation pre-tokenized; ``special``: ``PreTrainedTokenizerFast`` keywords (pad/eos tokens, padding side...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(WORDS) + tuple("?.,:!\n"))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer built in memory, with ``<image>`` as a special token."""
+    fast = word_level_tokenizer(
+        SPECIALS + tuple(WORDS) + tuple("?.,:!\n"), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         padding_side="left",
-    )
+    )  # fmt: skip
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return fast
 

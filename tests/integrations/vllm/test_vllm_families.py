@@ -35,8 +35,10 @@ FAMILIES = {
                   "<image>\nwhat is this ?"),
     "internvl": (tiny_internvl.tiny_internvl_model, HEADS2, tiny_internvl.tiny_internvl_processor,
                  "user : <IMG_CONTEXT> what is this ? assistant :"),
-    "qwen2_5_vl": (tiny_qwen.tiny_qwen2_5_vl_model, {}, tiny_qwen.tiny_qwen2_5_vl_processor, tiny_qwen.PROMPT),
-    "qwen3_vl": (tiny_qwen.tiny_qwen3_vl_model, {}, tiny_qwen.tiny_qwen3_vl_processor, tiny_qwen.PROMPT),
+    "qwen2_5_vl": (tiny_qwen.tiny_qwen2_5_vl_model, HEADS2, tiny_qwen.tiny_qwen2_5_vl_processor,
+                   tiny_qwen.qwen_prompt()),
+    "qwen3_vl": (tiny_qwen.tiny_qwen3_vl_model, {"head_dim": 32}, tiny_qwen.tiny_qwen3_vl_processor,
+                 tiny_qwen.qwen_prompt()),
 }  # fmt: skip
 
 

@@ -242,7 +242,7 @@ def test_tiny_qwen_models_generate_varied_tokens():
                                        (tiny_qwen.tiny_qwen3_vl_model, tiny_qwen.tiny_qwen3_vl_processor)):  # fmt: skip
         model, processor = make_model(seed=0), make_processor()
         inputs = processor(
-            images=[demo_image(height=400, width=150, seed=2)], text=[tiny_qwen.PROMPT], return_tensors="pt"
+            images=[demo_image(height=400, width=150, seed=2)], text=[tiny_qwen.qwen_prompt()], return_tensors="pt"
         )
         assert int(inputs["image_grid_thw"].prod()) // 4 == int(
             (inputs["input_ids"] == model.config.image_token_id).sum()
