@@ -9,10 +9,18 @@ import pytest
 import torch
 
 import globalcom2
+from globalcom2.models import adapter_for
 from globalcom2.testing import demo_image
 
 
 def _variants(pv: torch.Tensor) -> dict:
+    if pv.dim() == 2:  # Qwen-VL: flat patches (patches, C x t x p x p)
+        return {
+            "a list of tensors": list(pv),
+            "a tuple of tensors": tuple(pv),
+            "a patch width off by one": pv[:, :-1],
+            "a NumPy array": pv.numpy(),
+        }
     one = pv[..., :1, :, :]
     return {
         "a list of tensors": list(pv),
@@ -48,10 +56,13 @@ def test_num_image_tokens_with_options_is_the_config_apply_runs(family):
     """Both start from the method's defaults: the same words give the same config, on a patched model too."""
     size = (220, 300)
     globalcom2.apply(family.model, method="fastervlm", retention_ratio=0.5)
-    running = globalcom2.num_image_tokens(family.model, size)  # the patched model's own config
-    assert running == globalcom2.num_image_tokens(family.model.config, size, "fastervlm", retention_ratio=0.5)
+    proc = {"processor": family.processor}
+    running = globalcom2.num_image_tokens(family.model, size, **proc)  # the patched model's own config
+    assert running == globalcom2.num_image_tokens(family.model.config, size, "fastervlm", retention_ratio=0.5, **proc)
     options = {"retention_ratio": 0.3}  # a new config from fastervlm's defaults, not 0.5 with one field changed
-    counted = globalcom2.num_image_tokens(family.model, size, **options)
+    counted = globalcom2.num_image_tokens(family.model, size, **options, **proc)
     globalcom2.apply(family.model, method="fastervlm", **options)
-    assert counted == globalcom2.num_image_tokens(family.model, size)
-    assert globalcom2.get_config(family.model) == globalcom2.make_config("fastervlm", **options)
+    assert counted == globalcom2.num_image_tokens(family.model, size, **proc)
+    resolve = adapter_for(family.model).resolve  # the family's mapping (e.g. scorer "auto" -> its own scorer)
+    expected = resolve(globalcom2.make_config("fastervlm", **options), family.model.config)
+    assert resolve(globalcom2.get_config(family.model), family.model.config) == expected

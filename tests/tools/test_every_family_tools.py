@@ -125,6 +125,7 @@ def test_bench_image_size_is_height_width(capsys):
 
 def test_flops_config_of_every_family(family, tmp_path, capsys):
     family.model.config.save_pretrained(tmp_path)
+    family.processor.image_processor.save_pretrained(tmp_path)  # Qwen-VL's geometry follows its min/max pixels
     names = sorted(REGISTRY)
     assert flops.main(["--config", str(tmp_path), "--image-size", "220", "300", "--ratios", "0.25",
                        "--methods", *names]) == 0  # fmt: skip
@@ -137,7 +138,7 @@ def test_flops_config_of_every_family(family, tmp_path, capsys):
             runs.add(name)
         except ValueError:
             pass
-    stock = globalcom2.budget.stock_image_tokens(family.model.config, (220, 300))
+    stock = globalcom2.budget.stock_image_tokens(family.model.config, (220, 300), processor=family.processor)
     for name in names:
         (line,) = [ln for ln in out.splitlines() if ln.strip().startswith(f"{name} R=0.25")]
         if name in runs and REGISTRY[name].where == "vision":

@@ -37,8 +37,8 @@ def test_readme_first_screen():
 
 
 def test_docs_speak_of_the_project_only():
-    """No words about how the work was organised (issue numbers, sessions) in README or docs."""
-    for path in [README, *DOCS]:
+    """No words about how the work was organised (issue numbers, sessions) in README, CHANGELOG or docs."""
+    for path in [README, ROOT / "CHANGELOG.md", *DOCS]:
         text = path.read_text()
         assert not re.search(r"\bsession\b|\bissues? \d+|after issues", text, flags=re.I), path.name
 

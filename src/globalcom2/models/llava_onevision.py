@@ -484,10 +484,14 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         check_call(model, kwargs)
 
     def resolve(self, cfg: MethodConfig, config) -> MethodConfig:
-        """``layout="authors"`` runs as ``"spatial"`` (stock OneVision's layout); visionzip and scorer="cls" refused."""
+        """``layout="authors"`` runs as ``"spatial"`` (stock OneVision's layout) and cdpruner on stock's unpadded
+        layout (``unpad=True``: the padded-grid branch its authors' code executes is LLaVA-NeXT's, and OneVision's
+        crop map is downscaled after unpadding); visionzip and scorer="cls" refused."""
         cfg = super().resolve(cfg, config)
         if cfg.requires.layout == "authors" and "layout" in cfg.option_names():
             cfg = dataclasses.replace(cfg, layout="spatial")
+        if cfg.name == "cdpruner" and not cfg.unpad:
+            cfg = dataclasses.replace(cfg, unpad=True)
         return cfg
 
     def stock_counts(self, model, pixel_values, vision_kwargs, input_ids=None) -> list[int]:

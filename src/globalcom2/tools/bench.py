@@ -207,13 +207,13 @@ def measure(
     vision_kwargs = {k: inputs[k] for k in adapter.vision_kwargs if k in inputs}
     cfg = make_config(method, retention_ratio=ratio, **(options or {})) if method else None
     cfg = adapter.resolve(cfg, model.config) if cfg is not None else None
+    # stock runs the stock vision path: what prepare_images gives any in-LLM method (they prune inside prefill)
+    vision_cfg = cfg if cfg is not None else make_config("fastv", retention_ratio=1.0)
     with torch.no_grad():
-        counts = adapter.stock_counts(model, pv, vision_kwargs, ids)
-        if cfg is None or cfg.where == "llm":  # the stock vision path; in-LLM methods prune inside prefill
-            image_feats, t_vis = _timed(lambda: adapter.stock_features(model, pv, vision_kwargs, ids), device)
-        else:
-            (image_feats, _), t_vis = _timed(lambda: adapter.compress(model, cfg, pv, vision_kwargs, ids, mask), device)
-        packed, t_pack = _timed(lambda: adapter.pack(model, ids, mask, image_feats, counts), device)
+        batch, t_vis = _timed(lambda: adapter.prepare_images(model, vision_cfg, pv, vision_kwargs, ids, mask), device)
+        packed, t_pack = _timed(
+            lambda: adapter.pack(model, ids, mask, batch.features, batch.stock_counts, batch=batch), device
+        )
     lm = adapter.language_model(model)
     in_llm = cfg is not None and cfg.where == "llm"
     ctx = llm_pruning.pruning(model, cfg, packed.image_spans, lm) if in_llm else None
@@ -244,7 +244,7 @@ def measure(
     kv = kv_cache_bytes(_cache_of(out))
     return dict(
         vision=t_vis, pack=t_pack, prefill=t_pre, decode=decode_ms, peak=peak.peak, kv=kv,
-        visual_tokens=sum(int(f.shape[0]) for f in image_feats), seq_len=packed.inputs_embeds.shape[1],
+        visual_tokens=sum(int(f.shape[0]) for f in batch.features), seq_len=packed.inputs_embeds.shape[1],
         layer_lens=layer_lens, layer_times=layer_times, where="stock" if cfg is None else cfg.where,
     )  # fmt: skip
 

@@ -290,14 +290,26 @@ def _model_config(path: str):
     return config
 
 
-def family_token_counts(config, methods, ratios, image_size) -> list[tuple[str, float, str]]:
+def processor_settings(path) -> dict | None:
+    """The image processor's settings saved beside a checkpoint's config (``preprocessor_config.json``), or None:
+    what ``num_image_tokens(..., processor=)`` reads for families whose processor sets the geometry (Qwen-VL)."""
+    import json
+
+    f = Path(path) / "preprocessor_config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def family_token_counts(config, methods, ratios, image_size, processor=None) -> list[tuple[str, float, str]]:
     """(method, ratio, "stock S -> K") for a supported model config, from its adapter (``num_image_tokens``).
 
     Where the count depends on the image's content, ``budget="exact"`` is used and said so; methods that
-    prune inside the language model or cannot run on the family say why.
+    prune inside the language model or cannot run on the family say why. processor: as ``num_image_tokens``'s.
     """
+    from functools import partial
+
     from ..budget import num_image_tokens
 
+    num_image_tokens = partial(num_image_tokens, processor=processor)
     stock = num_image_tokens(config, image_size, "uniform", retention_ratio=1.0, layout="spatial")
     rows = []
     for m in methods:
@@ -409,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         size = tuple(args.image_size)
         print(f"\nvisual tokens for an image of {size[0]}x{size[1]} px, height x width ({model_config.model_type} "
               "geometry):")  # fmt: skip
-        for m, r, line in family_token_counts(model_config, args.methods, args.ratios, size):
+        processor = processor_settings(args.config)
+        for m, r, line in family_token_counts(model_config, args.methods, args.ratios, size, processor):
             print(f"  {m:>12} R={r:<5} {line}")
     elif args.image_size:
         from ..methods import REGISTRY

@@ -49,7 +49,7 @@ def smoke(tmp_path_factory):
 def test_smoke_json_schema(smoke):
     doc, _ = smoke
     for key in ("family", "model", "lm_shape", "concurrency", "repeats", "requests_per_cell", "launch", "rows",
-                "server_start_s", "vllm", "image_sizes_wh"):  # fmt: skip
+                "server_start_s", "vllm", "image_sizes_hw"):  # fmt: skip
         assert key in doc, key
     assert doc["concurrency"] == [1, 4] and doc["repeats"] == 1 and doc["smoke"] is True
     configs = ["stock", "globalcom2 R=1", "globalcom2 R=0.25"]

@@ -283,8 +283,9 @@ def test_zero_width_box_gets_a_newline_per_row():
     assert core.assemble_order(thumb, keep, valid, grid, side, "spatial", box=(6, 6, 0, 4)).numel() == 16
 
 
-def test_authors_layout_can_exceed_stock_for_very_thin_images():
-    """Documented: the authors' layout puts a newline after every padded-grid row (kept as the default)."""
+def test_authors_layout_is_held_to_stock_for_very_thin_images():
+    """The authors' layout puts a newline after every padded-grid row, which on a very thin image at high R would
+    feed more tokens than stock; the budget is held so that it never does (``hold_to_stock``, documented)."""
     model = _model("sdpa")
     geo = Geometry.from_config(model.config)
     size = (1, 4000)
@@ -294,4 +295,4 @@ def test_authors_layout_can_exceed_stock_for_very_thin_images():
 
     authors = select_image(globalcom2.make_config(retention_ratio=0.95), scores, size, geo)
     spatial = select_image(globalcom2.make_config(retention_ratio=0.95, layout="spatial"), scores, size, geo)
-    assert authors.num_tokens > geo.stock_tokens(size) >= spatial.num_tokens
+    assert geo.stock_tokens(size) >= authors.num_tokens and geo.stock_tokens(size) >= spatial.num_tokens

@@ -7,10 +7,12 @@ Run (vLLM's interpreter; the servers are children of it and inherit ``PYTHONPATH
     globalcom2 serve-bench --smoke                 # tiny model, 1 round, concurrency 1 and 4: proves it runs
     globalcom2 serve-bench --from-json serve-bench.json --plot serve-bench.png   # redraw a saved run, no vLLM
 
-What runs. A checkpoint with random weights is built in a temporary directory (``--family``; today
-``llava_next``: LLaVA-NeXT-7B's widths, CLIP-ViT-L/14-336 tower and a Vicuna-7B-shaped language model,
-cut to ``--vision-layers`` / ``--text-layers`` layers; ``--smoke`` uses the tiny test model). One
-``vllm serve`` per configuration, on 127.0.0.1 at a free port: ``stock`` (vLLM's own LLaVA-NeXT) and the
+What runs. A checkpoint with random weights is built in a temporary directory (``--family``:
+``llava_next``, LLaVA-NeXT-7B's widths, CLIP-ViT-L/14-336 tower and a Vicuna-7B-shaped language model;
+``llava_onevision``, SigLIP-so400m at 384 px and a Qwen2-7B-wide LM; ``internvl``, InternViT-300M at
+448 px and a Qwen2.5-7B-wide LM; cut to ``--vision-layers`` / ``--text-layers`` layers; ``--smoke``
+uses the family's tiny test model). One
+``vllm serve`` per configuration, on 127.0.0.1 at a free port: ``stock`` (vLLM's own model class) and the
 plugin at each ratio (``--method`` at ``retention_ratio`` R; R = 1 runs the whole plugin path, selection
 included, keeping every token). Prefix caching and the multimodal processor cache are off and every
 request carries an image of its own (the same images, in the same order, go to every configuration),
@@ -110,7 +112,8 @@ class Family:
     OpenAI messages into the family's prompt format; image_token is the placeholder the processor expands
     (its id, ``config.image_token_id``, is what the visual tokens are counted by); architecture is the
     plugin's architecture name for ``--hf-overrides``; stock_tokens(config, (h, w)) is stock's visual-token
-    count (it sizes ``--max-model-len``); sizes / smoke_sizes are the (height, width) request images, cycled.
+    count (it sizes ``--max-model-len``); sizes / smoke_sizes are the (height, width) request images, cycled;
+    widths names the real checkpoint whose widths the full-size build takes.
     """
 
     build: Callable[[str, bool, int, int], Any]
@@ -120,6 +123,7 @@ class Family:
     stock_tokens: Callable[[Any, tuple[int, int]], int]
     sizes: tuple[tuple[int, int], ...]
     smoke_sizes: tuple[tuple[int, int], ...]
+    widths: str = ""  # what the full-size (not --smoke) checkpoint is shaped like, for the JSON's "model"
 
 
 def _build_llava_next(path: str, smoke: bool, vision_layers: int, text_layers: int):
@@ -141,6 +145,49 @@ def _llava_next_stock_tokens(config, size: tuple[int, int]) -> int:
     return Geometry.from_config(config).stock_tokens(size)
 
 
+def _stock_tokens(config, size: tuple[int, int]) -> int:
+    from ...budget import stock_image_tokens
+
+    return stock_image_tokens(config, size)
+
+
+def _build_onevision(path: str, smoke: bool, vision_layers: int, text_layers: int):
+    from ...testing import tiny_onevision_model, tiny_onevision_processor
+    from .checkpoint import save_vllm_checkpoint
+
+    if smoke:
+        model, processor = tiny_onevision_model(seed=0, text_heads=2), tiny_onevision_processor()
+    else:  # LLaVA-OneVision-7B's widths: SigLIP-so400m at 384 px / 14 px patches, a Qwen2-7B-wide LM
+        shape = dict(image_size=384, patch_size=14, vision_hidden=1152, vision_layers=vision_layers, vision_heads=16,
+                     text_hidden=3584, text_layers=text_layers, text_heads=28, text_init_std=0.02)  # fmt: skip
+        model, processor = tiny_onevision_model(seed=0, **shape), tiny_onevision_processor(384, 14)
+    save_vllm_checkpoint(model, processor, path)
+    return model.config
+
+
+def _build_internvl(path: str, smoke: bool, vision_layers: int, text_layers: int):
+    from ...testing import tiny_internvl_model, tiny_internvl_processor
+    from .checkpoint import save_vllm_checkpoint
+
+    if smoke:
+        model, processor = tiny_internvl_model(seed=0, text_heads=2), tiny_internvl_processor()
+    else:  # InternVL3-8B's widths: InternViT-300M at 448 px / 14 px patches, a Qwen2.5-7B-wide LM
+        shape = dict(image_size=448, patch_size=14, vision_hidden=1024, vision_layers=vision_layers, vision_heads=16,
+                     text_hidden=3584, text_layers=text_layers, text_heads=28, text_init_std=0.02)  # fmt: skip
+        model, processor = tiny_internvl_model(seed=0, **shape), tiny_internvl_processor(448, 14)
+    save_vllm_checkpoint(model, processor, path)
+    return model.config
+
+
+def _chat_template(image: str) -> str:
+    """A USER/ASSISTANT template putting ``image`` where each image item of the user turn is."""
+    return (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}" + image + "\n{% endif %}{% endfor %}"
+        " ASSISTANT:{% endif %}{% endfor %}"
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "llava_next": Family(
         build=_build_llava_next,
@@ -150,8 +197,28 @@ FAMILIES: dict[str, Family] = {
         stock_tokens=_llava_next_stock_tokens,
         sizes=((480, 640), (640, 480), (330, 1000), (672, 672)),  # four AnyRes grids and paddings
         smoke_sizes=((220, 300), (400, 150), (120, 500), (224, 224)),  # the same for the 112-px tiny model
+        widths="LLaVA-NeXT-7B",
     ),
-    # llava_onevision, internvl, qwen2_5_vl, qwen3_vl: one Family each once the plugin serves them
+    "llava_onevision": Family(
+        build=_build_onevision,
+        chat_template=_chat_template("<image>"),
+        image_token="<image>",
+        architecture="GlobalCom2LlavaOnevisionForConditionalGeneration",
+        stock_tokens=_stock_tokens,
+        sizes=((480, 640), (640, 480), (330, 1000), (768, 768)),
+        smoke_sizes=((220, 300), (400, 150), (120, 500), (180, 180)),
+        widths="LLaVA-OneVision-7B (LM intermediate 2d)",
+    ),
+    "internvl": Family(
+        build=_build_internvl,
+        chat_template=_chat_template("<IMG_CONTEXT>"),
+        image_token="<IMG_CONTEXT>",
+        architecture="GlobalCom2InternVLForConditionalGeneration",
+        stock_tokens=_stock_tokens,
+        sizes=((480, 640), (640, 480), (330, 1000), (896, 896)),
+        smoke_sizes=((220, 300), (400, 150), (120, 500), (224, 224)),
+        widths="InternVL3-8B (LM intermediate 2d)",
+    ),
 }
 
 
@@ -526,11 +593,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except md.PackageNotFoundError:
         vllm_version = "unknown"
     if args.smoke:
-        model = "tiny random LLaVA-NeXT (the test model), fp32"
+        model = f"tiny random {args.family} (the test model), fp32"
     else:
-        model = (
-            f"LLaVA-NeXT-7B widths, random weights, {args.vision_layers} vision + {args.text_layers} LM layers, fp32"
-        )
+        model = f"{fam.widths} widths, random weights, {args.vision_layers} vision + {args.text_layers} LM layers, fp32"
     return {
         "benchmark": "globalcom2 serve-bench: vllm serve, OpenAI chat completions, stock vs globalcom2 plugin",
         "schema": 1,
