@@ -73,6 +73,9 @@ __all__ = [
     "RegionLayout",
     "ResizeRule",
     "TowerPass",
+    "TowerReadout",
+    "read_tower_pass",
+    "tower_hooks",
     "region_context",
     "resize_rule",
     "tower_pass",
@@ -296,7 +299,8 @@ def capture_block_input(block: nn.Module, seen: dict, key: str = "input"):
 
 def block_qk(block: nn.Module, inp: BlockInput, rotary: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k), each (H, S, hd) float32, as the block computes them: ``norm1`` -> fused ``qkv`` -> heads ->
-    (with ``rotary``) the 2-D vision rotary embedding, taken from the block's own module."""
+    (with ``rotary``) the 2-D vision rotary embedding, taken from the block's own module (or
+    ``block.attn.apply_rotary`` where a stand-in block carries it)."""
     import sys
 
     seq, heads = inp.hidden.shape[0], block.attn.num_heads
@@ -304,7 +308,10 @@ def block_qk(block: nn.Module, inp: BlockInput, rotary: bool = True) -> tuple[to
         q, k, _ = block.attn.qkv(block.norm1(inp.hidden)).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
         if rotary:
             cos, sin = inp.position_embeddings
-            q, k = sys.modules[type(block.attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+            rotate = getattr(block.attn, "apply_rotary", None)  # a stand-in block names its rotary (vLLM plugin)
+            if rotate is None:
+                rotate = sys.modules[type(block.attn).__module__].apply_rotary_pos_emb_vision
+            q, k = rotate(q, k, cos, sin)
     return q.float().transpose(0, 1), k.float().transpose(0, 1)
 
 
@@ -1033,12 +1040,99 @@ def _capture_output(block: nn.Module, seen: dict, key: str):
     return block.register_forward_hook(hook)
 
 
+@dataclass(frozen=True)
+class TowerReadout:
+    """What a tower pass must capture for ``scorer`` and ``needs``, and how to read it (``read_tower_pass``).
+
+    score_block: the block index whose input (attention_received, keys) or output (global_dissimilarity) is
+    read; deep_blocks: the DeepStack blocks whose outputs ``hidden`` needs (Qwen3-VL), in level order.
+    """
+
+    scorer: str | None
+    score_block: int
+    needs: frozenset
+    deep_blocks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, n_blocks: int, deepstack_indexes, scorer: str | None = None, layer: int | None = -1,
+           needs: frozenset = frozenset()) -> TowerReadout:  # fmt: skip
+        """The readout of a tower of ``n_blocks`` blocks (``layer``: a hidden-state index, -1 the last block)."""
+        idx = HiddenIndex.of(-1 if layer is None else layer, n_blocks).layer
+        deep = tuple(int(b) for b in (deepstack_indexes or ())) if "hidden" in needs else ()
+        return cls(scorer, idx, frozenset(needs), deep)
+
+    @property
+    def wants_input(self) -> bool:
+        """Whether the score block's input is read (attention_received, VisionZip's keys)."""
+        return self.scorer == "attention_received" or "keys" in self.needs
+
+    @property
+    def wants_output(self) -> bool:
+        """Whether the score block's output is read (global_dissimilarity)."""
+        return self.scorer == "global_dissimilarity"
+
+
+def tower_hooks(blocks: Sequence[nn.Module], readout: TowerReadout, seen: dict,
+                block_input=None) -> list:  # fmt: skip
+    """Register on ``blocks`` the hooks ``readout`` needs, filling ``seen`` ("last", "input", "output",
+    "deep{j}"); returns the handles. block_input: the pre-hook factory for the score block's input
+    (``capture_block_input`` for the HF blocks)."""
+    handles = [_capture_output(blocks[-1], seen, "last")]
+    if readout.wants_input:
+        handles.append((block_input or capture_block_input)(blocks[readout.score_block], seen))
+    if readout.wants_output:
+        handles.append(_capture_output(blocks[readout.score_block], seen, "output"))
+    for j, b in enumerate(readout.deep_blocks):
+        handles.append(_capture_output(blocks[b], seen, f"deep{j}"))
+    return handles
+
+
+def read_tower_pass(
+    readout: TowerReadout, seen: dict, score_block: nn.Module, features: list[torch.Tensor],
+    deepstack: list[list[torch.Tensor]] | None, order: torch.Tensor, merge_size: int,
+) -> TowerPass:  # fmt: skip
+    """The ``TowerPass`` of one tower run, from what ``tower_hooks`` captured in ``seen`` (tower order) and the
+    run's per-image features / DeepStack rows. order: ``patch_order`` of the run; score_block: the block whose
+    q/k ``attention_received`` / keys recompute (the model's own, or a stand-in with its weights)."""
+    counts = [f.shape[0] for f in features]
+    unit = int(merge_size) ** 2
+    flat = lambda x: x.reshape(x.shape[0], -1) if x.dim() == 3 else x  # noqa: E731 - (S, 1, D) vLLM rows
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # (S, ...) tower order -> (sum N, m^2, ...) processor order
+        x = to_processor_order(flat(x), order)
+        return x.reshape(-1, unit, *x.shape[1:])
+
+    with torch.no_grad():
+        if readout.scorer == "attention_received":
+            received, size = attention_received(score_block, seen["input"])
+            scores = grouped(received * size.float()).mean(1)  # (sum N,) mean relative attention of its patches
+            per_image = list(scores.split(counts))
+        elif readout.scorer == "global_dissimilarity":
+            tokens = grouped(seen["output"].float()).mean(1)  # (sum N, D)
+            per_image = [scoring.global_dissimilarity(t[None])[0] for t in tokens.split(counts)]
+        else:
+            per_image = [torch.zeros(c, device=features[0].device) for c in counts]
+    last = grouped(seen["last"])  # (sum N, m^2, D_vis) the merger's input groups
+    result = TowerPass(features, deepstack, per_image)
+    needs = readout.needs
+    if "hidden" in needs:
+        parts = [last.flatten(1)] + [grouped(seen[f"deep{j}"]).flatten(1) for j in range(len(readout.deep_blocks))]
+        result.hidden = list(torch.cat(parts, dim=1).split(counts))
+    if "keys" in needs:
+        with torch.no_grad():
+            _, k = block_qk(score_block, seen["input"], rotary=False)  # (H, S, hd) content keys
+            result.keys = list(grouped(k.mean(0)).mean(1).split(counts))  # (N_i, hd)
+    if "tower" in needs:
+        result.tower = list(last.mean(1).split(counts))
+    return result
+
+
 def tower_pass(
     model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, scorer: str | None = None,
     layer: int = -1, needs: frozenset = frozenset(),
 ) -> TowerPass:  # fmt: skip
     """Run the model's own vision path once (``get_image_features``) and read what ``scorer`` and ``needs`` ask
-    for off the blocks with hooks (no second pass).
+    for off the blocks with hooks (no second pass): ``tower_hooks`` + ``read_tower_pass``.
 
     scorer: "attention_received" (block ``layer``'s attention, recomputed from its input, each patch relative
     to uniform attention over its segment: received x segment size, so 1 = an even share, comparable across
@@ -1050,17 +1144,10 @@ def tower_pass(
     base = base_model(model)
     vis = base.visual
     blocks = vis.blocks
-    idx = HiddenIndex.of(-1 if layer is None else layer, len(blocks)).layer
+    readout = TowerReadout.of(len(blocks), getattr(vis, "deepstack_visual_indexes", None), scorer, layer, needs)
     grid = torch.as_tensor(image_grid_thw).long().reshape(-1, 3)
     seen: dict = {}
-    handles = [_capture_output(blocks[-1], seen, "last")]
-    if scorer == "attention_received" or "keys" in needs:
-        handles.append(capture_block_input(blocks[idx], seen))
-    if scorer == "global_dissimilarity":
-        handles.append(_capture_output(blocks[idx], seen, "output"))
-    deep_idx = list(getattr(vis, "deepstack_visual_indexes", None) or []) if "hidden" in needs else []
-    for j, b in enumerate(deep_idx):
-        handles.append(_capture_output(blocks[b], seen, f"deep{j}"))
+    handles = tower_hooks(blocks, readout, seen)
     try:
         out = base.get_image_features(pixel_values, grid, return_dict=True)
     finally:
@@ -1073,34 +1160,7 @@ def tower_pass(
     if deep is not None:  # transformers >= 5.x splits each level per image; 5.0 leaves one tensor per level
         deepstack = [list(lv.split(counts)) if isinstance(lv, torch.Tensor) else list(lv) for lv in deep]
     order = patch_order(model, grid)
-    unit = int(vis.spatial_merge_size) ** 2
-
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # (S, ...) tower order -> (sum N, m^2, ...) processor order
-        x = to_processor_order(x, order)
-        return x.reshape(-1, unit, *x.shape[1:])
-
-    with torch.no_grad():
-        if scorer == "attention_received":
-            received, size = attention_received(blocks[idx], seen["input"])
-            scores = grouped(received * size.float()).mean(1)  # (sum N,) mean relative attention of its patches
-            per_image = list(scores.split(counts))
-        elif scorer == "global_dissimilarity":
-            tokens = grouped(seen["output"].float()).mean(1)  # (sum N, D)
-            per_image = [scoring.global_dissimilarity(t[None])[0] for t in tokens.split(counts)]
-        else:
-            per_image = [torch.zeros(c, device=feats[0].device) for c in counts]
-    last = grouped(seen["last"])  # (sum N, m^2, D_vis) the merger's input groups
-    result = TowerPass(feats, deepstack, per_image)
-    if "hidden" in needs:
-        parts = [last.flatten(1)] + [grouped(seen[f"deep{j}"]).flatten(1) for j in range(len(deep_idx))]
-        result.hidden = list(torch.cat(parts, dim=1).split(counts))
-    if "keys" in needs:
-        with torch.no_grad():
-            _, k = block_qk(blocks[idx], seen["input"], rotary=False)  # (H, S, hd) content keys
-            result.keys = list(grouped(k.mean(0)).mean(1).split(counts))  # (N_i, hd)
-    if "tower" in needs:
-        result.tower = list(last.mean(1).split(counts))
-    return result
+    return read_tower_pass(readout, seen, blocks[readout.score_block], feats, deepstack, order, vis.spatial_merge_size)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -1337,12 +1397,22 @@ class QwenAdapter(FamilyAdapter):
             )
         req = cfg.requires
         tp = tower_pass(model, pixel_values, grid, self.scorer(cfg), req.score_layer, cfg.needs)
+        texts = None
+        if "text" in cfg.needs:
+            texts = text_embeddings(
+                model, input_ids, attention_mask, merged_grid_thw(grid, model.config).prod(1).tolist()
+            )
+        return self.select_pass(model, cfg, tp, grid, texts)
+
+    def select_pass(self, model: nn.Module, cfg: MethodConfig, tp: TowerPass, grid: torch.Tensor,
+                    texts: list[torch.Tensor] | None = None) -> Compressed:  # fmt: skip
+        """Per image of one tower pass, the kept tokens (stock order) and a ``QwenImageRecord``: the regions'
+        context, ``cfg.select``, ``cfg.order`` and the emission at stock positions. ``cfg`` resolved; grid:
+        (n, 3) ``image_grid_thw``; texts: per image the prompt's text embeddings (methods that need "text");
+        model: what ``project_rows`` reads (``config`` and the tower's mergers: a stock model, or vLLM's).
+        Every engine that runs a Qwen-VL tower selects through here (the HF patch and the vLLM plugin)."""
         vc = model.config.vision_config
         merged = merged_grid_thw(grid, model.config)
-        counts = merged.prod(1).tolist()
-        texts = [None] * len(counts)
-        if "text" in cfg.needs:
-            texts = text_embeddings(model, input_ids, attention_mask, counts)
         feats, records = [], []
         for i, (g, (_, h, w)) in enumerate(zip(grid, merged.tolist())):  # loop over images
             layout = RegionLayout.of((h, w))
