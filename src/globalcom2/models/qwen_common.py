@@ -1072,18 +1072,20 @@ class TowerReadout:
         return self.scorer == "global_dissimilarity"
 
 
-def tower_hooks(blocks: Sequence[nn.Module], readout: TowerReadout, seen: dict,
-                block_input=None) -> list:  # fmt: skip
+def tower_hooks(blocks: Sequence[nn.Module], readout: TowerReadout, seen: dict, block_input=None,
+                block_output=None) -> list:  # fmt: skip
     """Register on ``blocks`` the hooks ``readout`` needs, filling ``seen`` ("last", "input", "output",
-    "deep{j}"); returns the handles. block_input: the pre-hook factory for the score block's input
-    (``capture_block_input`` for the HF blocks)."""
-    handles = [_capture_output(blocks[-1], seen, "last")]
+    "deep{j}"); returns the handles (remove them last first). block_input / block_output: the factories
+    ``(block, seen, key) -> handle`` that capture a block's input / output (default: module hooks on the HF
+    blocks, ``capture_block_input`` and ``_capture_output``)."""
+    block_input, block_output = block_input or capture_block_input, block_output or _capture_output
+    handles = [block_output(blocks[-1], seen, "last")]
     if readout.wants_input:
-        handles.append((block_input or capture_block_input)(blocks[readout.score_block], seen))
+        handles.append(block_input(blocks[readout.score_block], seen, "input"))
     if readout.wants_output:
-        handles.append(_capture_output(blocks[readout.score_block], seen, "output"))
+        handles.append(block_output(blocks[readout.score_block], seen, "output"))
     for j, b in enumerate(readout.deep_blocks):
-        handles.append(_capture_output(blocks[b], seen, f"deep{j}"))
+        handles.append(block_output(blocks[b], seen, f"deep{j}"))
     return handles
 
 
@@ -1151,7 +1153,7 @@ def tower_pass(
     try:
         out = base.get_image_features(pixel_values, grid, return_dict=True)
     finally:
-        for h in handles:
+        for h in reversed(handles):
             h.remove()
     feats = list(out.pooler_output)
     counts = [f.shape[0] for f in feats]

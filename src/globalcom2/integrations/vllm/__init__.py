@@ -1,9 +1,11 @@
-"""vLLM plugin: serve LLaVA-NeXT with compressed visual tokens through stock vLLM.
+"""vLLM plugin: serve LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2.5-VL and Qwen3-VL with compressed visual
+tokens through stock vLLM.
 
 vLLM loads ``register`` from the ``vllm.general_plugins`` entry point in every process. It registers
 ``GlobalCom2LlavaNextForConditionalGeneration``, ``GlobalCom2LlavaOnevisionForConditionalGeneration`` and
 ``GlobalCom2InternVLForConditionalGeneration`` (HF-native InternVL, which vLLM serves as
-``InternS1ForConditionalGeneration``); a model opts in with
+``InternS1ForConditionalGeneration``), ``GlobalCom2Qwen2_5_VLForConditionalGeneration`` and
+``GlobalCom2Qwen3VLForConditionalGeneration``; a model opts in with
 
     vllm serve PATH --hf-overrides '{"architectures": ["GlobalCom2LlavaNextForConditionalGeneration"],
                                      "globalcom2": {"method": "globalcom2", "retention_ratio": 0.25}}'
@@ -34,6 +36,12 @@ ARCHITECTURES = {
     ),
     "GlobalCom2InternVLForConditionalGeneration": (
         "globalcom2.integrations.vllm.internvl:GlobalCom2InternVLForConditionalGeneration"
+    ),
+    "GlobalCom2Qwen2_5_VLForConditionalGeneration": (
+        "globalcom2.integrations.vllm.qwen:GlobalCom2Qwen2_5_VLForConditionalGeneration"
+    ),
+    "GlobalCom2Qwen3VLForConditionalGeneration": (
+        "globalcom2.integrations.vllm.qwen:GlobalCom2Qwen3VLForConditionalGeneration"
     ),
 }
 

@@ -15,7 +15,9 @@ ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
 KEY = "globalcom2"
 
 
-def method_config(hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls")) -> MethodConfig:
+def method_config(
+    hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls"), probe: Callable[[MethodConfig], Any] | None = None
+) -> MethodConfig:
     """The method config a served model runs with, from ``hf_config.globalcom2`` (a dict of ``apply`` options).
 
     ``{"method": name, **options}``; a missing key means ``{"method": "globalcom2"}`` with its defaults.
@@ -27,6 +29,8 @@ def method_config(hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls")) ->
     those selectors) are refused: vLLM embeds an image without its prompt. Raises the library's
     ValueError/TypeError, so a bad setting stops engine start. ``scorers``: the ``scorer`` values the
     family's vLLM model computes (LLaVA-NeXT: the [CLS] attention; the [CLS]-free towers others).
+    ``probe(cfg)``: counts one image (raises where the count is not size-only); default: an image of
+    ``vision_config.image_size`` x twice that (the towers with a fixed input side).
     """
     raw = getattr(hf_config, KEY, None)
     if raw is None:
@@ -63,6 +67,9 @@ def method_config(hf_config: Any, scorers: tuple[str, ...] = ("auto", "cls")) ->
         )
     if "budget" in cfg.option_names() and "budget" not in options:
         cfg = make_config(cfg, budget="exact")
+    if probe is not None:
+        probe(cfg)  # raises where the count is not size-only
+        return cfg
     side = hf_config.vision_config.image_size
     side = int(side[0] if isinstance(side, (list, tuple)) else side)
     num_image_tokens(hf_config, (side, 2 * side), cfg)  # raises where the count is not size-only
@@ -86,15 +93,18 @@ class CountCache:
         self._cfg: MethodConfig | None = None
         self._counts: OrderedDict[tuple[int, int], int] = OrderedDict()
 
-    def count(self, hf_config: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig]) -> int:
-        """``num_image_tokens(hf_config, size, config_of(hf_config))``, parsed once and remembered per size."""
+    def count(
+        self, hf_config: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig], processor: Any = None
+    ) -> int:
+        """``num_image_tokens(hf_config, size, config_of(hf_config), processor=processor)``, parsed once and
+        remembered per size (``processor`` must be a function of ``size`` alone, or fixed)."""
         options = getattr(hf_config, KEY, None)
         if self._key is None or self._key[0] is not hf_config or self._key[1] != options:
             self._key, self._cfg = (hf_config, copy.deepcopy(options)), config_of(hf_config)
             self._counts = OrderedDict()
         k = self._counts.get(size)
         if k is None:
-            k = self._counts[size] = num_image_tokens(hf_config, size, self._cfg)
+            k = self._counts[size] = num_image_tokens(hf_config, size, self._cfg, processor=processor)
             if len(self._counts) > self.SIZE:
                 self._counts.popitem(last=False)
         else:
@@ -102,9 +112,11 @@ class CountCache:
         return k
 
 
-def cached_count(info: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig]) -> int:
+def cached_count(
+    info: Any, size: tuple[int, int], config_of: Callable[[Any], MethodConfig], processor: Any = None
+) -> int:
     """The count of an image of ``size`` for the model a vLLM processing info ``info`` serves (``CountCache``)."""
     cache = info.__dict__.get("_globalcom2_counts")
     if cache is None:
         cache = info._globalcom2_counts = CountCache()
-    return cache.count(info.get_hf_config(), (int(size[0]), int(size[1])), config_of)
+    return cache.count(info.get_hf_config(), (int(size[0]), int(size[1])), config_of, processor)

@@ -15,8 +15,9 @@ from ...models import llava_next as adapter
 from ...models.base import emit
 
 #: ``ImageContext`` inputs the vLLM model can give a method: an image's embedding is computed (and cached)
-#: without its prompt, so the prompt's text ("text") is not among them.
-SERVABLE_NEEDS = frozenset({"features", "hidden", "keys"})
+#: without its prompt, so the prompt's text ("text") is not among them ("tower": the tower's own vectors, which
+#: only the Qwen-VL families define).
+SERVABLE_NEEDS = frozenset({"features", "hidden", "keys", "tower"})
 
 
 def image_tokens(
