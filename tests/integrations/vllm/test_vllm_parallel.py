@@ -179,3 +179,45 @@ def test_every_family_served_gives_the_hf_path_tokens_under_tp_and_pp(tmp_path, 
         for prompt, stock_prompt, size in zip(plugin["prompt_ids"], stock["prompt_ids"], SIZES):
             k = globalcom2.num_image_tokens(cfg, size, "globalcom2", budget="exact", retention_ratio=0.25)
             assert len(prompt) == len(stock_prompt) - stock_image_tokens(cfg, size) + k, (name, size)
+
+
+QWEN = {
+    "qwen2_5_vl": dict(arch="GlobalCom2Qwen2_5_VLForConditionalGeneration", tiny={"text_heads": 2}),
+    "qwen3_vl": dict(arch="GlobalCom2Qwen3VLForConditionalGeneration", tiny={"head_dim": 32}),
+}
+
+
+@pytest.mark.parametrize("name", list(QWEN))
+def test_qwen_families_give_the_hf_path_tokens_under_tp(tmp_path, name):
+    """Qwen2.5-VL / Qwen3-VL at TP = 2, stock and plugin, equal the HF path's greedy tokens (and so TP = 1:
+    test_vllm_qwen.py); prompt counts are the library's. PP > 1 is refused at engine start (test_vllm_qwen.py)."""
+    from globalcom2.integrations.vllm import save_vllm_checkpoint
+    from globalcom2.testing import tiny_qwen
+
+    make = tiny_qwen.tiny_qwen2_5_vl_model if name == "qwen2_5_vl" else tiny_qwen.tiny_qwen3_vl_model
+    make_proc = tiny_qwen.tiny_qwen2_5_vl_processor if name == "qwen2_5_vl" else tiny_qwen.tiny_qwen3_vl_processor
+    fam = {"arch": QWEN[name]["arch"], "prompt": tiny_qwen.qwen_prompt()}
+    path = save_vllm_checkpoint(make(seed=0, **QWEN[name]["tiny"]), make_proc(), tmp_path / name)
+
+    def hf(options):
+        model, processor = make(seed=0, **QWEN[name]["tiny"]), make_proc()
+        if options is not None:
+            globalcom2.apply(model, "globalcom2", budget="exact", retention_ratio=options["retention_ratio"])
+        out = []
+        for img in _images():
+            inputs = processor(images=[img], text=[fam["prompt"]], return_tensors="pt")
+            with torch.no_grad():
+                gen = model.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
+            out.append(gen[0, inputs["input_ids"].shape[1] :].tolist())
+        return out
+
+    stock = _run(path, 2, 1, None, "0|1", fam)
+    assert stock["tokens"] == hf(None)
+    plugin = _run(path, 2, 1, COMPRESSED, "0|1", fam)
+    assert plugin["tokens"] == hf(COMPRESSED)
+    assert plugin["tokens"] != stock["tokens"]
+    cfg, processor = make(seed=0, **QWEN[name]["tiny"]).config, make_proc()
+    for prompt, size in zip(plugin["prompt_ids"], SIZES):
+        k = globalcom2.num_image_tokens(cfg, size, "globalcom2", budget="exact", retention_ratio=0.25,
+                                        processor=processor)  # fmt: skip
+        assert prompt.count(cfg.image_token_id) == k, (name, size)

@@ -37,6 +37,8 @@ FAMILIES = {
     "onevision": dict(
         model=tiny_onevision.tiny_onevision_model, processor=tiny_onevision.tiny_onevision_processor,
         arch="GlobalCom2LlavaOnevisionForConditionalGeneration", prompt="<image>\nwhat is this ?",
+        template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+                 "{% else %}<image>\n{% endif %}{% endfor %}{% endfor %}",
         neutral={"method": "globalcom2", "retention_ratio": 1.0, "allocation": "uniform", "thumbnail_order": "spatial"},
         stock_tokens=stock_image_tokens,
         image_token=lambda cfg: cfg.image_token_index, hf_kwargs=lambda sizes: {},
@@ -44,6 +46,8 @@ FAMILIES = {
     "internvl": dict(
         model=tiny_internvl.tiny_internvl_model, processor=tiny_internvl.tiny_internvl_processor,
         arch="GlobalCom2InternVLForConditionalGeneration", prompt="user : <IMG_CONTEXT> what is this ? assistant :",
+        template="{% for m in messages %}user : {% for c in m['content'] %}{% if c['type'] == 'text' %}"
+                 "{{ c['text'] }}{% else %}<IMG_CONTEXT> {% endif %}{% endfor %} assistant :{% endfor %}",
         neutral={"method": "globalcom2", "retention_ratio": 1.0, "allocation": "uniform"},
         stock_tokens=stock_image_tokens,
         image_token=lambda cfg: cfg.image_token_id, hf_kwargs=lambda sizes: {"image_sizes": sizes},
@@ -149,3 +153,14 @@ def test_invalid_options_fail_at_engine_start(family):
     with pytest.raises(Exception, match="visionzip|scorer must be one of"):
         _llm(path, fam["arch"], bad)
     gc.collect()
+
+
+def test_vllm_serve_with_base64_images_gives_the_offline_tokens(family, tmp_path):
+    """``vllm serve`` with the plugin: a chat request per image (base64 PNG data URL, rendered by a template to
+    the offline prompt) prefills the offline engine's prompt token for token and decodes its greedy tokens."""
+    from globalcom2.integrations.vllm.server import served_tokens
+
+    name, fam, path, got = family
+    served = served_tokens(path, fam["arch"], COMPRESSED, fam["template"], _images(), "what is this ?", MAX_TOKENS,
+                           str(tmp_path), name)  # fmt: skip
+    assert served == got["compressed"], name

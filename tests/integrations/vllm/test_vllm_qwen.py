@@ -3,7 +3,8 @@
 Per family, as for the other families: R = 1 with neutral options gives stock vLLM's tokens (every kept
 token back at its stock M-RoPE position through the offset columns); each prompt holds
 ``globalcom2.num_image_tokens`` placeholders; greedy tokens equal the HF path's (``globalcom2.apply``) for
-the default scorer and for VisionZip (merged contextual tokens, DeepStack rows on Qwen3-VL); a batch of
+the default scorer, for VisionZip (merged contextual tokens, DeepStack rows on Qwen3-VL) and DivPrune (the
+tower's own vectors); a batch of
 mixed sizes gives each request what it gets alone; two images in one prompt (positions shift past the
 first); invalid options and pipeline parallelism stop the engine at start.
 """
@@ -34,6 +35,7 @@ MAX_TOKENS = 8
 SIZES = [(220, 300), (400, 150), (120, 500)]  # (height, width): three grids
 COMPRESSED = {"method": "globalcom2", "retention_ratio": 0.25}
 VISIONZIP = {"method": "visionzip", "retention_ratio": 0.25}
+DIVPRUNE = {"method": "divprune", "retention_ratio": 0.25}  # the Qwen port's tower space (the family's auto)
 NEUTRAL = {"method": "globalcom2", "retention_ratio": 1.0, "allocation": "uniform"}
 FAMILIES = {
     "qwen2_5_vl": dict(model=tiny_qwen.tiny_qwen2_5_vl_model, tiny={"text_heads": 2},
@@ -95,7 +97,9 @@ def family(request, tmp_path_factory):
     neutral, _ = _once(path, fam, NEUTRAL)
     compressed, alone = _once(path, fam, COMPRESSED, alone=True)
     visionzip, _ = _once(path, fam, VISIONZIP)
-    results = {"stock": stock, "neutral": neutral, "compressed": compressed, "alone": alone, "visionzip": visionzip}
+    divprune, _ = _once(path, fam, DIVPRUNE)
+    results = {"stock": stock, "neutral": neutral, "compressed": compressed, "alone": alone, "visionzip": visionzip,
+               "divprune": divprune}  # fmt: skip
     return name, fam, path, results
 
 
@@ -130,10 +134,10 @@ def test_prompt_tokens_are_the_library_count(family):
         assert len(prompt) == len(stock_prompt) - n + k
 
 
-@pytest.mark.parametrize("which", ["compressed", "visionzip"])
+@pytest.mark.parametrize("which", ["compressed", "visionzip", "divprune"])
 def test_greedy_tokens_equal_the_hf_path(family, which):
     _, fam, _, r = family
-    hf = _hf_tokens(fam, COMPRESSED if which == "compressed" else VISIONZIP)
+    hf = _hf_tokens(fam, {"compressed": COMPRESSED, "visionzip": VISIONZIP, "divprune": DIVPRUNE}[which])
     assert [t for _, t in r[which]] == hf
     assert len({t for ts in hf for t in ts}) > 2
     assert [t for _, t in r[which]] != [t for _, t in r["stock"]]
@@ -154,3 +158,42 @@ def test_invalid_options_and_pipeline_parallelism_fail_at_engine_start(family):
     with pytest.raises(Exception, match="prompt's text"):
         _llm(path, fam["arch"], {"method": "cdpruner"})
     gc.collect()
+
+
+def test_pipeline_parallelism_and_vllm_pruning_are_refused_with_the_reason():
+    """Checked where the engine builds the model (no engine needed to see the message)."""
+    from types import SimpleNamespace
+
+    from globalcom2.integrations.vllm.qwen import GlobalCom2Qwen2_5_VLForConditionalGeneration as Model
+
+    cfg = tiny_qwen.tiny_qwen2_5_vl_config()
+    cfg.globalcom2 = COMPRESSED
+
+    def vllm_config(pp=1, pruning=False, compile_mm=False):
+        mm = SimpleNamespace(is_multimodal_pruning_enabled=lambda: pruning)
+        return SimpleNamespace(
+            model_config=SimpleNamespace(hf_config=cfg, get_multimodal_config=lambda: mm),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+            compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm),
+        )
+
+    bare = object.__new__(Model)
+    bare._globalcom2_init(vllm_config())  # the defaults start
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2: .* pipeline_parallel_size=1"):
+        bare._globalcom2_init(vllm_config(pp=2))
+    with pytest.raises(ValueError, match="video_pruning_rate"):
+        bare._globalcom2_init(vllm_config(pruning=True))
+    with pytest.raises(ValueError, match="compile_mm_encoder"):
+        bare._globalcom2_init(vllm_config(compile_mm=True))
+
+
+def test_vllm_serve_with_base64_images_gives_the_offline_tokens(family, tmp_path):
+    """``vllm serve`` with the plugin: a ChatML chat request per image (base64 PNG) prefills the offline engine's
+    prompt token for token and decodes its greedy tokens."""
+    from globalcom2.integrations.vllm.serve_bench import QWEN_CHAT_TEMPLATE
+    from globalcom2.integrations.vllm.server import served_tokens
+
+    name, fam, path, got = family
+    served = served_tokens(path, fam["arch"], COMPRESSED, QWEN_CHAT_TEMPLATE, _images(), "what is this ?",
+                           MAX_TOKENS, str(tmp_path), name)  # fmt: skip
+    assert served == got["compressed"][: len(SIZES)], name

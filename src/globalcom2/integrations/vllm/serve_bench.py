@@ -89,7 +89,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...tools.flops import LMShape, prefill_flops
+from ...tools.flops import LMShape, prefill_flops, processor_settings
 from .options import ARCHITECTURE
 from .server import LLAVA_CHAT_TEMPLATE, Server, ServerError, chat_body, data_url, free_port, image_bytes, serve_command
 
@@ -111,8 +111,9 @@ class Family:
     weights, processor, tokenizer) and returns its transformers config; chat_template renders the
     OpenAI messages into the family's prompt format; image_token is the placeholder the processor expands
     (its id, ``config.image_token_id``, is what the visual tokens are counted by); architecture is the
-    plugin's architecture name for ``--hf-overrides``; stock_tokens(config, (h, w)) is stock's visual-token
-    count (it sizes ``--max-model-len``); sizes / smoke_sizes are the (height, width) request images, cycled;
+    plugin's architecture name for ``--hf-overrides``; stock_tokens(config, (h, w), processor) is stock's
+    visual-token count (it sizes ``--max-model-len``; processor: the checkpoint's saved image-processor
+    settings, which the Qwen-VL counts need); sizes / smoke_sizes are the (height, width) request images, cycled;
     widths names the real checkpoint whose widths the full-size build takes.
     """
 
@@ -120,7 +121,7 @@ class Family:
     chat_template: str
     image_token: str
     architecture: str
-    stock_tokens: Callable[[Any, tuple[int, int]], int]
+    stock_tokens: Callable[[Any, tuple[int, int], Any], int]
     sizes: tuple[tuple[int, int], ...]
     smoke_sizes: tuple[tuple[int, int], ...]
     widths: str = ""  # what the full-size (not --smoke) checkpoint is shaped like, for the JSON's "model"
@@ -139,16 +140,16 @@ def _build_llava_next(path: str, smoke: bool, vision_layers: int, text_layers: i
     return model.config
 
 
-def _llava_next_stock_tokens(config, size: tuple[int, int]) -> int:
+def _llava_next_stock_tokens(config, size: tuple[int, int], processor=None) -> int:
     from ...models.llava_next import Geometry
 
     return Geometry.from_config(config).stock_tokens(size)
 
 
-def _stock_tokens(config, size: tuple[int, int]) -> int:
+def _stock_tokens(config, size: tuple[int, int], processor=None) -> int:
     from ...budget import stock_image_tokens
 
-    return stock_image_tokens(config, size)
+    return stock_image_tokens(config, size, processor=processor)
 
 
 def _build_onevision(path: str, smoke: bool, vision_layers: int, text_layers: int):
@@ -177,6 +178,33 @@ def _build_internvl(path: str, smoke: bool, vision_layers: int, text_layers: int
         model, processor = tiny_internvl_model(seed=0, **shape), tiny_internvl_processor(448, 14)
     save_vllm_checkpoint(model, processor, path)
     return model.config
+
+
+def _build_qwen2_5_vl(path: str, smoke: bool, vision_layers: int, text_layers: int):
+    from ...testing import tiny_qwen
+    from .checkpoint import save_vllm_checkpoint
+
+    if smoke:
+        model, processor = tiny_qwen.tiny_qwen2_5_vl_model(seed=0, text_heads=2), tiny_qwen.tiny_qwen2_5_vl_processor()
+    else:  # Qwen2.5-VL-7B's widths: its ViT (1280 wide, 16 heads, 112 px windows, last block full), a 7B-wide LM
+        shape = dict(vision_hidden=1280, vision_depth=vision_layers, vision_heads=16, window_size=112,
+                     fullatt_block_indexes=(vision_layers - 1,), text_hidden=3584, text_layers=text_layers,
+                     text_heads=28, text_kv_heads=4, text_init_std=0.02)  # fmt: skip
+        pixels = {k: tiny_qwen.QWEN2_5_VL_7B_PROCESSOR[k] for k in ("min_pixels", "max_pixels")}
+        model, processor = (
+            tiny_qwen.tiny_qwen2_5_vl_model(seed=0, **shape),
+            tiny_qwen.tiny_qwen2_5_vl_processor(**pixels),
+        )
+    save_vllm_checkpoint(model, processor, path)
+    return model.config
+
+
+#: ChatML, as the Qwen-VL chat templates render a user turn with images then text
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
 
 
 def _chat_template(image: str) -> str:
@@ -218,6 +246,16 @@ FAMILIES: dict[str, Family] = {
         sizes=((480, 640), (640, 480), (330, 1000), (896, 896)),
         smoke_sizes=((220, 300), (400, 150), (120, 500), (224, 224)),
         widths="InternVL3-8B (LM intermediate 2d)",
+    ),
+    "qwen2_5_vl": Family(
+        build=_build_qwen2_5_vl,
+        chat_template=QWEN_CHAT_TEMPLATE,
+        image_token="<|image_pad|>",
+        architecture="GlobalCom2Qwen2_5_VLForConditionalGeneration",
+        stock_tokens=_stock_tokens,
+        sizes=((480, 640), (640, 480), (330, 1000), (720, 1280)),  # native resolution: 391, 391, 432, 1196 tokens
+        smoke_sizes=((220, 300), (400, 150), (120, 500), (180, 180)),
+        widths="Qwen2.5-VL-7B (LM intermediate 2d)",
     ),
 }
 
@@ -529,7 +567,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(template, "w") as f:
             f.write(fam.chat_template)
         image_token_id = int(hf_config.image_token_id)
-        max_len = max(fam.stock_tokens(hf_config, (h, w)) for h, w in sizes) + 64 + args.max_tokens
+        settings = processor_settings(ckpt)
+        max_len = max(fam.stock_tokens(hf_config, (h, w), settings) for h, w in sizes) + 64 + args.max_tokens
         build_s = time.perf_counter() - t0
         mode, mem = _launch_mode(args, len(configs), ckpt)
         env = {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_cache_gib:g}"}

@@ -29,6 +29,17 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+def source_env() -> dict[str, str]:
+    """``PYTHONPATH`` putting the running globalcom2 first, so a server child imports the same code (not
+    another installed copy) and the plugin it loads is the one under test."""
+    from pathlib import Path
+
+    import globalcom2
+
+    src = str(Path(globalcom2.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 class ServerError(RuntimeError):
     """The server did not start or died; the message ends with the tail of its log."""
 
@@ -138,6 +149,14 @@ class Server:
         except OSError:
             return False
 
+    def chat(self, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+        """POST ``body`` (``chat_body``) to ``/v1/chat/completions``; the decoded JSON reply."""
+        req = urllib.request.Request(
+            self.url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
     def wait_ready(self, timeout: float = 600.0) -> float:
         """Block until ``/health`` answers; returns the seconds since start. ServerError if it dies or times out."""
         deadline = self._t0 + timeout
@@ -216,3 +235,34 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def served_tokens(
+    model: str, architecture: str, options: dict | None, chat_template: str, images: Sequence, text: str,
+    max_tokens: int, log_dir: str, name: str = "", limit_images: int = 1, timeout: float = 600.0,
+) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+    """Start ``vllm serve`` on ``model`` with the plugin (``options``; None: stock), send one chat request per
+    image (base64 PNG, then ``text``; greedy, exactly ``max_tokens`` tokens with EOS masked) and return each
+    reply's (prompt token ids, generated token ids),
+    in order; the server is stopped on the way out. ServerError if it does not start or dies meanwhile."""
+    import os.path
+
+    template = os.path.join(log_dir, f"{name or 'chat'}.jinja")
+    with open(template, "w") as f:
+        f.write(chat_template)
+    overrides = None if options is None else {"architectures": [architecture], "globalcom2": options}
+    # "openai": the template walks each message's content parts; vLLM's guess from the template's text can be
+    # "string", which flattens the parts into one string the template then walks character by character
+    cmd = serve_command(model, free_port(), overrides=overrides, chat_template=template, limit_images=limit_images,
+                        extra=["--chat-template-content-format", "openai"])  # fmt: skip
+    out = []
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **source_env()}
+    with Server(cmd, os.path.join(log_dir, f"{name or 'server'}.log"), env=env, name=name) as server:
+        server.wait_ready(timeout)
+        for image in images:
+            body = chat_body("model", [data_url(image_bytes(image, "PNG"))], text, max_tokens, min_tokens=max_tokens)
+            reply = server.chat(body)  # min_tokens: EOS masked, as LLM.generate with SamplingParams(min_tokens=...)
+            out.append((list(reply["prompt_token_ids"]), list(reply["choices"][0]["token_ids"])))
+        if not server.alive():
+            raise ServerError(f"{name or 'vllm serve'} died after answering; log:\n{server.log_tail()}")
+    return out
