@@ -12,12 +12,12 @@ LayerNorm (Qwen3-VL) with eps 1e-6 as in transformers' vision blocks, and transf
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ...models.qwen_common import BlockInput
+from .score_layer import ScoreWeights
 
 #: checkpoint names of the tensors the copy holds (``visual.blocks.N`` in real checkpoints, ``model.visual...``
 #: as transformers 5 saves them)
@@ -118,32 +118,9 @@ def capture_vllm_block_output(block: nn.Module, seen: dict, key: str) -> Forward
     return ForwardTap(block, after=lambda out: seen.__setitem__(key, out))
 
 
-class QwenScoreWeights:
+class QwenScoreWeights(ScoreWeights):
     """Copies the scoring block's tensors into a ``QwenScoreBlock`` while vLLM's loader reads the checkpoint."""
 
     def __init__(self, block: QwenScoreBlock, position: int) -> None:
-        self.params = dict(block.named_parameters())
-        self.position = position
-        self.seen: set[str] = set()
-
-    def keep(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``weights`` unchanged, copying those of the scoring block on the way."""
-        for name, w in weights:
-            m = SCORE_WEIGHT.search(name)
-            if m and int(m.group(1)) == self.position:
-                key = f"{m.group(2)}.{m.group(3)}"
-                if key in self.params:
-                    with torch.no_grad():
-                        self.params[key].copy_(w.to(self.params[key].dtype))
-                    self.seen.add(key)
-            yield name, w
-
-    def check(self, prefix: str = "globalcom2_score") -> set[str]:
-        """The copy's parameter names (for vLLM's loaded-weights check); ValueError if the checkpoint lacked any."""
-        missing = sorted(set(self.params) - self.seen)
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks vision block {self.position}'s {', '.join(missing)}, which the token scores "
-                "need (expected as visual.blocks.N.norm1.* and visual.blocks.N.attn.qkv.*, the Qwen-VL layout)"
-            )
-        return {f"{prefix}.{k}" for k in self.params}
+        super().__init__(block, position, SCORE_WEIGHT, "vision block",
+                         "as visual.blocks.N.norm1.* and visual.blocks.N.attn.qkv.*, the Qwen-VL layout")  # fmt: skip

@@ -74,22 +74,32 @@ def score_positions(config, score_layer: int | None, method: str) -> tuple[int, 
 
 
 class ScoreWeights:
-    """Copies the scoring layer's tensors into a ``ScoreLayer`` while vLLM's loader reads the checkpoint."""
+    """Copies the scoring layer's tensors into a ``ScoreLayer`` (or any module holding them) while vLLM's loader
+    reads the checkpoint.
 
-    def __init__(self, layer: ScoreLayer, position: int) -> None:
+    pattern: a checkpoint name's (layer index, sub-module, weight|bias) groups; layer: how the error calls the
+    layer; where: where the checkpoint was expected to hold them.
+    """
+
+    def __init__(
+        self, layer: nn.Module, position: int, pattern: re.Pattern = SCORE_WEIGHT, what: str = "vision layer",
+        where: str = "under vision_tower.vision_model.encoder.layers.*, the llava-hf layout",
+    ) -> None:  # fmt: skip
         self.params = dict(layer.named_parameters())
         self.position = position
+        self.pattern, self.what, self.where = pattern, what, where
         self.seen: set[str] = set()
 
     def keep(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """``weights`` unchanged, copying those of the scoring layer on the way."""
         for name, w in weights:
-            m = SCORE_WEIGHT.search(name)
+            m = self.pattern.search(name)
             if m and int(m.group(1)) == self.position:
                 key = f"{m.group(2)}.{m.group(3)}"
-                with torch.no_grad():
-                    self.params[key].copy_(w.to(self.params[key].dtype))
-                self.seen.add(key)
+                if key in self.params:  # e.g. a bias the copy's norm does not have
+                    with torch.no_grad():
+                        self.params[key].copy_(w.to(self.params[key].dtype))
+                    self.seen.add(key)
             yield name, w
 
     def check(self, prefix: str = "globalcom2_score") -> set[str]:
@@ -97,7 +107,7 @@ class ScoreWeights:
         missing = sorted(set(self.params) - self.seen)
         if missing:
             raise ValueError(
-                f"the checkpoint lacks vision layer {self.position}'s {', '.join(missing)}, which the token "
-                "scores need (expected under vision_tower.vision_model.encoder.layers.*, the llava-hf layout)"
+                f"the checkpoint lacks {self.what} {self.position}'s {', '.join(missing)}, which the token "
+                f"scores need (expected {self.where})"
             )
         return {f"{prefix}.{k}" for k in self.params}
