@@ -104,3 +104,24 @@ def test_cli_prints_table_and_writes_files(tmp_path, capsys):
         flops.main(["--ratios", "0"])
     with pytest.raises(SystemExit):
         flops.main(["--preset", "llava-next-70b"])
+
+
+@pytest.mark.parametrize("saved", ["processor", "image_processor"])
+def test_processor_settings_read_either_file_transformers_writes(tmp_path, saved):
+    """A whole processor saves ``processor_config.json`` (image processor nested), an image processor alone
+    ``preprocessor_config.json`` (the hub checkpoints' file): both give the counts' min/max pixels."""
+    from globalcom2.budget import stock_image_tokens
+    from globalcom2.testing import tiny_qwen
+    from globalcom2.tools.flops import processor_settings
+
+    proc = tiny_qwen.tiny_qwen2_5_vl_processor()
+    if saved == "processor":  # the layout ProcessorMixin.save_pretrained writes (it needs a video processor here)
+        entry = {"image_processor": proc.image_processor.to_dict(), "processor_class": "Qwen2_5_VLProcessor"}
+        (tmp_path / "processor_config.json").write_text(json.dumps(entry))
+    else:
+        proc.image_processor.save_pretrained(tmp_path)
+    settings = processor_settings(tmp_path)
+    cfg = tiny_qwen.tiny_qwen2_5_vl_config()
+    size = (400, 150)
+    assert stock_image_tokens(cfg, size, processor=settings) == stock_image_tokens(cfg, size, processor=proc)
+    assert processor_settings(tmp_path / "nothing-here") is None

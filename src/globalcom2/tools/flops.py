@@ -291,12 +291,20 @@ def _model_config(path: str):
 
 
 def processor_settings(path) -> dict | None:
-    """The image processor's settings saved beside a checkpoint's config (``preprocessor_config.json``), or None:
-    what ``num_image_tokens(..., processor=)`` reads for families whose processor sets the geometry (Qwen-VL)."""
+    """The image processor's settings saved beside a checkpoint's config, or None: ``preprocessor_config.json``
+    (the hub checkpoints' file), else the ``image_processor`` entry of ``processor_config.json`` (what
+    transformers 5 writes); what ``num_image_tokens(..., processor=)`` reads for families whose processor sets
+    the geometry (Qwen-VL)."""
     import json
 
     f = Path(path) / "preprocessor_config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    if f.is_file():
+        return json.loads(f.read_text())
+    f = Path(path) / "processor_config.json"
+    if f.is_file():
+        settings = json.loads(f.read_text()).get("image_processor")
+        return settings if isinstance(settings, dict) else None
+    return None
 
 
 def family_token_counts(config, methods, ratios, image_size, processor=None) -> list[tuple[str, float, str]]:

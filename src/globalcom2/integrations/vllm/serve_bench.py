@@ -10,8 +10,9 @@ Run (vLLM's interpreter; the servers are children of it and inherit ``PYTHONPATH
 What runs. A checkpoint with random weights is built in a temporary directory (``--family``:
 ``llava_next``, LLaVA-NeXT-7B's widths, CLIP-ViT-L/14-336 tower and a Vicuna-7B-shaped language model;
 ``llava_onevision``, SigLIP-so400m at 384 px and a Qwen2-7B-wide LM; ``internvl``, InternViT-300M at
-448 px and a Qwen2.5-7B-wide LM; cut to ``--vision-layers`` / ``--text-layers`` layers; ``--smoke``
-uses the family's tiny test model). One
+448 px and a Qwen2.5-7B-wide LM; ``qwen2_5_vl``, Qwen2.5-VL-7B's windowed ViT and min/max pixels and a
+7B-wide LM; cut to ``--vision-layers`` / ``--text-layers`` layers; ``--smoke`` uses the family's tiny
+test model). One
 ``vllm serve`` per configuration, on 127.0.0.1 at a free port: ``stock`` (vLLM's own model class) and the
 plugin at each ratio (``--method`` at ``retention_ratio`` R; R = 1 runs the whole plugin path, selection
 included, keeping every token). Prefix caching and the multimodal processor cache are off and every
