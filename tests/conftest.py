@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,15 @@ from globalcom2.methods import Requirements, VisionMethod
 from globalcom2.testing.tiny import demo_image, tiny_model, tiny_processor
 
 PROMPT = "USER: <image>\nwhat is this ? ASSISTANT:"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Close the pyplot figures a test leaves open (``viz.render`` returns a pyplot figure, kept until closed)."""
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close("all")
 
 
 @pytest.fixture(scope="session")

@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(common.resolve_device(args.device)).eval()
     fig = render(model, processor, image, methods=args.method, ratios=args.ratio, random_weights=args.demo)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    _mpl().close(fig)  # pyplot keeps every figure it made until closed: main() may run many times in one process
     print(f"saved {args.out}")
     return 0
 
