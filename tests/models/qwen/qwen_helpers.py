@@ -100,28 +100,16 @@ def max_row_diff(rows, alone) -> float:
     return max((r.float() - a.float()).abs().max().item() for r, a in zip(rows, alone))
 
 
-def _row_inputs(seen: dict, b: int) -> dict:
-    """Row ``b`` of one recorded language-model call: its embeddings and positions at the attended slots, its
-    DeepStack rows (Qwen3-VL), as that row alone would receive them."""
-    mask = seen["attention_mask"]
-    keep = mask[b].bool() if mask is not None else torch.ones(seen["inputs_embeds"].shape[1], dtype=torch.bool)
-    pos = seen["position_ids"]
-    row = {"inputs_embeds": seen["inputs_embeds"][b][keep], "position_ids": pos[..., b, :][..., keep]}
-    vpm, deep = seen.get("visual_pos_masks"), seen.get("deepstack_visual_embeds")
-    if vpm is not None and deep is not None:
+def _row_inputs(seen: dict, b: int) -> list[torch.Tensor]:
+    """Row ``b`` of one recorded language-model call as that row alone would receive it: its embeddings and
+    positions at the attended slots, then its DeepStack rows (Qwen3-VL)."""
+    keep = seen["attention_mask"][b].bool()
+    row = [seen["inputs_embeds"][b][keep], seen["position_ids"][..., b, :][..., keep]]
+    vpm = seen["visual_pos_masks"]
+    if vpm is not None:
         start = int(vpm[:b].sum())
-        row["deepstack"] = [d[start : start + int(vpm[b].sum())] for d in deep]
+        row += [d[start : start + int(vpm[b].sum())] for d in seen["deepstack_visual_embeds"]]
     return row
-
-
-def _equal_rows(x: dict, y: dict) -> bool:
-    if x.keys() != y.keys():
-        return False
-    for k in x:
-        a, c = (x[k], y[k]) if k == "deepstack" else ([x[k]], [y[k]])
-        if len(a) != len(c) or not all(torch.equal(u, v) for u, v in zip(a, c)):
-            return False
-    return True
 
 
 def stock_lm_check(model, batch_seen: dict, alone_seen: list[dict]) -> tuple[bool, float]:
@@ -133,34 +121,23 @@ def stock_lm_check(model, batch_seen: dict, alone_seen: list[dict]) -> tuple[boo
     lm = qc.base_model(model).language_model
 
     def logits(seen):
-        kw = {k: v for k, v in seen.items() if v is not None}
-        return model.lm_head(lm(**kw).last_hidden_state)
+        return model.lm_head(lm(**{k: v for k, v in seen.items() if v is not None}).last_hidden_state)
 
-    together = logits(batch_seen)
-    mask = batch_seen["attention_mask"]
-    equal, diff = True, 0.0
-    for b, one in enumerate(alone_seen):
-        equal = equal and _equal_rows(_row_inputs(batch_seen, b), _row_inputs(one, 0))
-        row = together[b][mask[b].bool()] if mask is not None else together[b]
-        diff = max(diff, (row.float() - logits(one)[0].float()).abs().max().item())
-    return equal, diff
+    pairs = [(_row_inputs(batch_seen, b), _row_inputs(one, 0)) for b, one in enumerate(alone_seen)]
+    equal = all(len(x) == len(y) and all(map(torch.equal, x, y)) for x, y in pairs)
+    together = valid_rows(logits(batch_seen), batch_seen["attention_mask"])
+    return equal, max_row_diff(together, [logits(one)[0] for one in alone_seen])
 
 
-def assert_batch_like_alone(diff: float, stock_diff: float, dtype, attn: str, lm_check=None) -> None:
-    """Under eager attention bit for bit where stock is (no more than stock's own difference); under SDPA within twice
-    stock's own batch-vs-alone difference plus the dtype's noise (SDPA runs a padded batch with an explicit mask and
-    a row alone causally, different kernels: stock is bitwise only where its rows happen to need no padding mask).
-
-    ``lm_check`` (from :func:`stock_lm_check`) makes the eager claim exact: every row's language-model inputs
-    equal its inputs alone bit for bit, and the logits differ by no more than the stock language model's own
-    difference on those very inputs (zero wherever stock's kernels are batch-invariant at those lengths)."""
+def assert_batch_like_alone(diff: float, stock_diff: float, dtype, attn: str, lm_check: tuple[bool, float]) -> None:
+    """Every row hands the language model its inputs alone bit for bit (``lm_check``, from :func:`stock_lm_check`).
+    Under eager attention the logits then differ by no more than the stock language model's own difference on those
+    very inputs (zero wherever stock's kernels are batch-invariant at those lengths); under SDPA within twice stock's
+    own batch-vs-alone difference plus the dtype's noise (SDPA runs a padded batch with an explicit mask and a row
+    alone causally, different kernels: stock is bitwise only where its rows happen to need no padding mask)."""
+    inputs_equal, lm_diff = lm_check
+    assert inputs_equal
     if attn == "eager":
-        if lm_check is None:
-            assert diff <= stock_diff, (diff, stock_diff)
-        else:
-            inputs_equal, lm_diff = lm_check
-            assert inputs_equal and diff <= lm_diff, (diff, lm_diff)
+        assert diff <= lm_diff, (diff, lm_diff)
     else:
-        if lm_check is not None:
-            assert lm_check[0]
         assert diff <= 2 * stock_diff + (1e-5 if dtype == torch.float32 else 0.15)
